@@ -1,0 +1,306 @@
+"""The model-parallel cosine softmax over N instance classes (the paper's hybrid parallelism).
+
+Every training image is its own class, so the classifier has one row per image: 1.28M rows for
+ImageNet-1K, 14.2M for ImageNet-21K. Backbone and head are data-parallel (DDP); the classifier
+rows are split evenly over the W processes (model-parallel), and the softmax over all N classes
+is computed in pieces that collectives stitch together. Per process and training step (Figure 2,
+steps 1-8 of ../shared/PAPER_NOTES.md):
+
+  1. the backbone embeds this rank's b images                      (the caller)
+  2. all_gather the embeddings, labels and hard-class ids -> B = W*b rows
+  3. cosine logits of all B rows against the local rows          s = cos(v, w) / tau
+  4. exp, then ONE all_reduce of [sum_j exp(s_ij), sum_j y_ij s_ij]  (both are sums over classes)
+  5. loss_i = log sum_j exp(s_ij) - sum_j y_ij s_ij                 (Eq. 1 / Eq. 3)
+  6. in backward, the exp buffer becomes p_ij, then p_ij - y_ij, the logit gradient
+  7. reduce_scatter the embedding gradients back to their owners
+  8. one optimiser step for backbone, head and the local rows      (the caller)
+
+No max all-reduce is needed: |cos| <= 1 bounds s_ij by 1/tau, so exp(s_ij - 1/tau) never overflows.
+The same code runs on gloo (CPU) and NCCL (GPU); without a process group it is the plain
+single-process cosine softmax, so `python script.py` works unchanged.
+
+Also here: joining the torchrun process group, atomic checkpoint writes, and saving the classifier
+rows (with their SGD momentum) in a form that loads onto any number of processes.
+"""
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# torch >= 2.10 renamed the tensor collectives; the old names still work but warn.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# ---------------------------------------------------------------- process group helpers
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def init_distributed(device="auto"):
+    """Join torchrun's process group when launched by torchrun; return this process's device.
+
+    NCCL on CUDA, gloo on CPU. Without torchrun's environment this is a plain single process.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return dev
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def shard_range(num_classes, rank, world_size):
+    """Rows [start, end) of the classifier owned by `rank`: contiguous, sizes differ by at most one."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+# ---------------------------------------------------------------- the classifier
+
+class DistCosineSoftmax(nn.Module):
+    """Cosine softmax over `num_classes` classes whose weight rows are sharded over the processes.
+
+    forward(features [b, dim], labels [b], hard_classes [b, k] or None, alpha) returns Eq. 3
+    (Eq. 1 when alpha is 0 or there are no hard classes), averaged over the global batch W*b and
+    the same on every rank. Keep this module outside DDP: the gradient it hands the features is
+    W x dL/dx (the sum over the W ranks' identical copies of the loss), which DDP's average over W
+    turns into exactly dL/dtheta of the global loss. The local rows get exactly dL/dw.
+
+    chunk_size bounds the logits buffer at (W*b) x chunk_size by walking the local rows in chunks
+    and recomputing each chunk's logits in backward; the result equals the unchunked one.
+    """
+
+    def __init__(self, num_classes, dim, temperature=0.15, chunk_size=None):
+        super().__init__()
+        if temperature < 0.025:
+            # exp(s - 1/tau) >= exp(-2/tau) must stay above float32's underflow (about e^-87).
+            raise ValueError(f"temperature {temperature} is below 0.025, where the collective-free "
+                             "stabiliser exp(s - 1/tau) can underflow; use tau >= 0.025")
+        self.num_classes, self.dim = num_classes, dim
+        self.temperature, self.chunk_size = temperature, chunk_size
+        self.rank, self.world_size = get_rank(), get_world_size()
+        if num_classes < self.world_size:
+            raise ValueError(f"{num_classes} classes cannot be sharded over {self.world_size} processes")
+        self.start, self.end = shard_range(num_classes, self.rank, self.world_size)
+        # Gaussian rows: the "random init." arm of Figure 4; 01_extract_init.py overwrites them.
+        self.weight = nn.Parameter(torch.randn(self.end - self.start, dim) * 0.01)
+
+    def forward(self, features, labels, hard_classes=None, alpha=0.0):
+        if hard_classes is None or alpha == 0:
+            hard_classes = labels.new_empty(labels.shape[0], 0)
+        return _CosineSoftmax.apply(features, self.weight, labels, hard_classes, float(alpha), self)
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, dim={self.dim}, rows=[{self.start}, {self.end}), "
+                f"temperature={self.temperature}, chunk_size={self.chunk_size}")
+
+
+class _CosineSoftmax(torch.autograd.Function):
+    """Steps 2-7 with an explicit backward; one [W*b, chunk] fp32 buffer is the only large tensor."""
+
+    @staticmethod
+    def forward(ctx, features, weight, labels, hard_classes, alpha, module):
+        tau, start = module.temperature, module.start
+        group_size = module.world_size
+        # Matrix products follow autocast (bf16 on GPU); the softmax itself is always fp32.
+        device_type = features.device.type
+        mm_dtype = (torch.get_autocast_dtype(device_type)
+                    if torch.is_autocast_enabled(device_type) else torch.float32)
+        with torch.autocast(device_type, enabled=False):
+            # Step 2: gather the global batch. Ids: column 0 is the label (Eq. 2: 1 - alpha), the
+            # other k columns the hard classes (alpha / k each); one gather carries both.
+            local_ids = torch.cat([labels[:, None], hard_classes], 1).contiguous()
+            x = features.float()
+            if group_size > 1:
+                x_all = x.new_empty(group_size * x.shape[0], x.shape[1])
+                _all_gather(x_all, x.contiguous())
+                ids = local_ids.new_empty(group_size * local_ids.shape[0], local_ids.shape[1])
+                _all_gather(ids, local_ids)
+            else:
+                x_all, ids = x, local_ids
+            x_norm = F.normalize(x_all, dim=1)
+            k = ids.shape[1] - 1
+            target_weight = torch.full(ids.shape, alpha / max(k, 1), device=x.device)
+            target_weight[:, 0] = 1.0 - alpha if k else 1.0
+            local_ids = ids - start  # columns of the local shard; out-of-shard ids fall outside
+
+            w = weight.float()
+            inv_w_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
+            n_local = w.shape[0]
+            chunk = module.chunk_size or n_local
+            stats = x.new_zeros(2, x_all.shape[0])  # [sum_j exp(s_ij - 1/tau), sum_j y_ij s_ij]
+            buffers = []
+            for c0 in range(0, n_local, chunk):
+                c1 = min(c0 + chunk, n_local)
+                # Step 3: s = cos / tau, written once into the buffer.
+                s = _logits(x_norm, w[c0:c1], inv_w_norm[c0:c1], tau, mm_dtype)
+                # Step 5's target term, read from the logits before they become exp.
+                in_chunk, cols = _chunk_columns(local_ids, c0, c1)
+                stats[1] += (s.gather(1, cols) * target_weight * in_chunk).sum(1)
+                # Step 4: exp in place; the row sums are this shard's share of the denominators.
+                stats[0] += s.sub_(1.0 / tau).exp_().sum(1)
+                if module.chunk_size is None:
+                    buffers.append(s)  # kept for backward: it becomes p, then the gradient
+            if group_size > 1:
+                dist.all_reduce(stats)  # Step 4: the one all-reduce of the forward pass
+            # Step 5: Eq. 3 as log-sum-exp minus the target term, mean over the global batch.
+            loss = (stats[0].log() + 1.0 / tau - stats[1]).mean()
+
+        ctx.module, ctx.mm_dtype, ctx.buffers = module, mm_dtype, buffers
+        ctx.dtypes = features.dtype, weight.dtype
+        ctx.save_for_backward(x, x_norm, w, inv_w_norm, local_ids, target_weight, stats[0])
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        module, mm_dtype = ctx.module, ctx.mm_dtype
+        x, x_norm, w, inv_w_norm, local_ids, target_weight, denominators = ctx.saved_tensors
+        tau, n_local = module.temperature, w.shape[0]
+        chunk = module.chunk_size or n_local
+        global_batch = x_norm.shape[0]
+        device_type = x.device.type
+        with torch.autocast(device_type, enabled=False):
+            # dL/ds_ij = (p_ij - y_ij) * grad / B; the 1/tau of s = cos/tau folds into the scale.
+            scale = grad_loss.float() / (global_batch * tau)
+            grad_x_norm = torch.zeros_like(x_norm)
+            grad_w = torch.empty_like(w)
+            for i, c0 in enumerate(range(0, n_local, chunk)):
+                c1 = min(c0 + chunk, n_local)
+                if ctx.buffers:
+                    g = ctx.buffers[i]
+                else:  # chunked: recompute this chunk's exp(s - 1/tau)
+                    g = _logits(x_norm, w[c0:c1], inv_w_norm[c0:c1], tau, mm_dtype).sub_(1.0 / tau).exp_()
+                # Step 6: the buffer becomes p_ij, then (p_ij - y_ij) * scale / |w_j|, in place.
+                g.div_(denominators[:, None])
+                in_chunk, cols = _chunk_columns(local_ids, c0, c1)
+                g.scatter_add_(1, cols, -(target_weight * in_chunk))
+                g.mul_(inv_w_norm[c0:c1] * scale)
+                g_mm = g.to(mm_dtype)
+                grad_x_norm += (g_mm @ w[c0:c1].to(mm_dtype)).float()
+                grad_w_scaled = (g_mm.t() @ x_norm.to(mm_dtype)).float()  # |w_j|^-1 dL/d(w_j/|w_j|)
+                # Back through w_j / |w_j|: remove the component along w_j.
+                wc = w[c0:c1]
+                radial = (grad_w_scaled * wc).sum(1, keepdim=True) * inv_w_norm[c0:c1, None] ** 2
+                grad_w[c0:c1] = grad_w_scaled - radial * wc
+                del g, g_mm
+            ctx.buffers = None
+            # Step 7: sum the shards' parts of the embedding gradient and keep this rank's rows.
+            if module.world_size > 1:
+                grad_x_norm_local = grad_x_norm.new_empty(x.shape)
+                _reduce_scatter(grad_x_norm_local, grad_x_norm)
+                # DDP averages backbone gradients over W ranks; W x dL/dx makes that average exact.
+                grad_x_norm_local.mul_(module.world_size)
+            else:
+                grad_x_norm_local = grad_x_norm
+            # Back through x / |x| on the local rows only.
+            x_norm_local = F.normalize(x, dim=1)
+            radial = (grad_x_norm_local * x_norm_local).sum(1, keepdim=True)
+            grad_x = (grad_x_norm_local - radial * x_norm_local) / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
+
+
+def _logits(x_norm, w_chunk, inv_w_norm_chunk, tau, mm_dtype):
+    """s = cos(x, w) / tau for one chunk of local rows, as a fresh fp32 [B, chunk] buffer."""
+    s = (x_norm.to(mm_dtype) @ w_chunk.to(mm_dtype).t()).float()
+    return s.mul_(inv_w_norm_chunk / tau)
+
+
+def _chunk_columns(local_ids, c0, c1):
+    """Which target ids fall in local rows [c0, c1), and their columns in the chunk (0 elsewhere)."""
+    cols = local_ids - c0
+    in_chunk = (cols >= 0) & (cols < c1 - c0)
+    return in_chunk.float(), cols.clamp(0, c1 - c0 - 1)
+
+
+# ---------------------------------------------------------------- checkpoints on any GPU count
+
+def gather_classifier(classifier, optimizer=None):
+    """All N rows (and their SGD momentum) on rank 0 as CPU float32; None on the other ranks.
+
+    Every rank must call it. Shards travel to rank 0 one at a time (point to point), so no
+    process ever holds more than the full CPU copy plus one shard on its device.
+    """
+    parts = {"weight": classifier.weight.detach()}
+    momentum = _momentum_buffer(classifier, optimizer)
+    if momentum is not None:
+        parts["momentum"] = momentum
+    world, rank, n, dim = classifier.world_size, classifier.rank, classifier.num_classes, classifier.dim
+    if world == 1:
+        full = {key: t.float().cpu().clone() for key, t in parts.items()}
+    else:
+        # Whether momentum exists must agree on every rank before the transfers start.
+        has = torch.tensor([int(momentum is not None)], device=classifier.weight.device)
+        dist.all_reduce(has, op=dist.ReduceOp.MIN)
+        if not has.item():
+            parts.pop("momentum", None)
+        full = {key: torch.empty(n, dim) for key in parts} if rank == 0 else None
+        for key, local in parts.items():
+            for src in range(world):
+                s0, s1 = shard_range(n, src, world)
+                if rank == 0:
+                    piece = local if src == 0 else local.new_empty(s1 - s0, dim)
+                    if src:
+                        dist.recv(piece, src=src)
+                    full[key][s0:s1] = piece.float().cpu()
+                elif rank == src:
+                    dist.send(local.contiguous(), dst=0)
+    if rank != 0:
+        return None
+    full.setdefault("momentum", None)
+    full["num_classes"] = n
+    return full
+
+
+def load_classifier(classifier, state, optimizer=None):
+    """Copy rows [start, end) of a gather_classifier() dict into this rank's shard, any world size."""
+    if state["num_classes"] != classifier.num_classes or state["weight"].shape[1] != classifier.dim:
+        raise ValueError(f"checkpoint has {state['num_classes']} x {state['weight'].shape[1]} classifier rows, "
+                         f"this run needs {classifier.num_classes} x {classifier.dim}: it comes from other data "
+                         "or another --dim; point --out at the right run folder")
+    rows = slice(classifier.start, classifier.end)
+    with torch.no_grad():
+        classifier.weight.copy_(state["weight"][rows])
+    if optimizer is not None and state.get("momentum") is not None:
+        optimizer.state[classifier.weight]["momentum_buffer"] = (
+            state["momentum"][rows].to(classifier.weight.device, classifier.weight.dtype).clone())
+
+
+def _momentum_buffer(classifier, optimizer):
+    if optimizer is None:
+        return None
+    return optimizer.state.get(classifier.weight, {}).get("momentum_buffer")

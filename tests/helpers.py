@@ -1,0 +1,40 @@
+"""Shared test utilities: import a numbered stage, and run a function on W gloo processes."""
+import importlib
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def stage(name):
+    """Import a stage script by module name, e.g. stage("01_extract_init")."""
+    return importlib.import_module(name)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.barrier()  # gloo may abort a process that leaves before the others
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size, *args):
+    """Run fn(rank, world_size, *args) on world_size gloo processes; a failure in any re-raises here."""
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

@@ -1,0 +1,209 @@
+"""dist_softmax.py against a plain float64 single-process reference, on 1-3 gloo processes."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from helpers import run_distributed
+
+import dist_softmax
+from dist_softmax import DistCosineSoftmax, shard_range
+
+NUM_CLASSES, DIM, LOCAL_BATCH, TAU, K = 23, 8, 4, 0.15, 5
+
+
+def reference_loss(features, weight, labels, hard_classes, alpha, tau=TAU):
+    """Eq. 3 written out with a dense target matrix y (Eq. 2), in float64."""
+    logits = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t() / tau
+    y = torch.zeros_like(logits)
+    rows = torch.arange(len(labels))
+    if hard_classes is not None and alpha > 0:
+        y[rows[:, None], hard_classes] = alpha / hard_classes.shape[1]
+        y[rows, labels] = 1 - alpha
+    else:
+        y[rows, labels] = 1.0
+    return -(y * logits.log_softmax(1)).sum(1).mean()
+
+
+def make_problem(world_size, seed=0):
+    """A global batch of two views per instance (every label twice), hard classes on any shard."""
+    g = torch.Generator().manual_seed(seed)
+    global_batch = world_size * LOCAL_BATCH
+    inputs = torch.randn(global_batch, 6, generator=g, dtype=torch.float64)
+    instances = torch.randperm(NUM_CLASSES, generator=g)[: global_batch // 2]
+    labels = torch.cat([instances, instances])  # the two views of each instance
+    hard = torch.stack([torch.randperm(NUM_CLASSES, generator=g)[:K + 1] for _ in labels])
+    hard = torch.stack([row[row != label][:K] for row, label in zip(hard, labels)])
+    weight = torch.randn(NUM_CLASSES, DIM, generator=g, dtype=torch.float64) * 3
+    backbone = torch.randn(DIM, 6, generator=g, dtype=torch.float64)
+    return inputs, labels, hard, weight, backbone
+
+
+def reference_gradients(inputs, labels, hard, weight, backbone, alpha):
+    weight = weight.clone().requires_grad_()
+    backbone = backbone.clone().requires_grad_()
+    features = inputs @ backbone.t()
+    features.retain_grad()
+    loss = reference_loss(features, weight, labels, hard, alpha)
+    loss.backward()
+    return loss.detach(), features.grad, weight.grad, backbone.grad
+
+
+CASES = [(alpha, chunk) for alpha in (0.0, 0.2) for chunk in (None, 3)]
+
+
+def check_against_reference(rank, world_size):
+    """Loss, feature, classifier-row and DDP-backbone gradients equal the float64 reference."""
+    inputs, labels, hard, weight, backbone_weight = make_problem(world_size)
+    mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    for alpha, chunk in CASES:
+        ref_loss, ref_feat_grad, ref_w_grad, ref_backbone_grad = reference_gradients(
+            inputs, labels, hard, weight, backbone_weight, alpha)
+        classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU, chunk_size=chunk)
+        assert (classifier.start, classifier.end) == shard_range(NUM_CLASSES, rank, world_size)
+        with torch.no_grad():
+            classifier.weight.copy_(weight[classifier.start:classifier.end])
+        backbone = nn.Linear(6, DIM, bias=False).double()
+        with torch.no_grad():
+            backbone.weight.copy_(backbone_weight)
+        if world_size > 1:
+            backbone = DistributedDataParallel(backbone)
+        features = backbone(inputs[mine])
+        features.retain_grad()
+        loss = classifier(features, labels[mine], hard[mine], alpha=alpha)
+        loss.backward()
+        where = f"rank {rank}/{world_size}, alpha {alpha}, chunk {chunk}"
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=lambda m: where + "\n" + m)
+        # Gradient contract: exact backbone gradients after DDP's average ...
+        torch.testing.assert_close(backbone.weight.grad if world_size == 1 else backbone.module.weight.grad,
+                                   ref_backbone_grad, rtol=1e-4, atol=1e-6, msg=lambda m: where + "\n" + m)
+        # ... because the features receive W x dL/dx, and each local row exactly dL/dw.
+        torch.testing.assert_close(features.grad, world_size * ref_feat_grad[mine], rtol=1e-4, atol=1e-6, msg=lambda m: where + "\n" + m)
+        torch.testing.assert_close(classifier.weight.grad.double(), ref_w_grad[classifier.start:classifier.end],
+                                   rtol=1e-4, atol=1e-6, msg=lambda m: where + "\n" + m)
+
+
+def test_shard_range_is_contiguous_and_balanced():
+    for n in (1, 7, 23, 1_281_167):
+        for world_size in (1, 2, 3, 8, 64):
+            if n < world_size:
+                continue
+            ranges = [shard_range(n, r, world_size) for r in range(world_size)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [e - s for s, e in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_matches_reference_without_process_group():
+    assert not dist.is_initialized()
+    check_against_reference(rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_matches_reference_on_uneven_shards(world_size):
+    assert NUM_CLASSES % world_size != 0
+    run_distributed(check_against_reference, world_size)
+
+
+def test_hard_classes_on_other_shards_change_the_loss():
+    # The smoothing term must see hard classes wherever they live: alpha changes the loss.
+    inputs, labels, hard, weight, backbone = make_problem(1)
+    features = (inputs @ backbone.t()).float()
+    classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU)
+    with torch.no_grad():
+        classifier.weight.copy_(weight)
+    plain = classifier(features, labels)
+    smoothed = classifier(features, labels, hard, alpha=0.2)
+    assert abs(plain.item() - smoothed.item()) > 1e-3
+
+
+def test_chunked_equals_unchunked_for_every_chunk_size():
+    torch.manual_seed(0)
+    features = torch.randn(10, DIM, requires_grad=True)
+    labels = torch.randint(0, NUM_CLASSES, (10,))
+    results = []
+    for chunk in (None, 1, 5, NUM_CLASSES, 100):
+        classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU, chunk_size=chunk)
+        with torch.no_grad():
+            classifier.weight.copy_(torch.arange(NUM_CLASSES * DIM).view(NUM_CLASSES, DIM).float().sin())
+        features.grad = None
+        loss = classifier(features, labels)
+        loss.backward()
+        results.append((loss.detach(), features.grad.clone(), classifier.weight.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_softmax_stays_fp32_under_bf16_autocast():
+    inputs, labels, hard, weight, backbone = make_problem(1)
+    features = (inputs @ backbone.t()).float()
+    ref = reference_loss(features.double(), weight, labels, hard, 0.2)
+    classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU)
+    with torch.no_grad():
+        classifier.weight.copy_(weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = classifier(features, labels, hard, alpha=0.2)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_temperature_below_the_safe_bound_is_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        DistCosineSoftmax(10, 4, temperature=0.01)
+
+
+def save_after_one_step(rank, world_size, path):
+    inputs, labels, hard, weight, backbone = make_problem(world_size)
+    classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU)
+    with torch.no_grad():
+        classifier.weight.copy_(weight[classifier.start:classifier.end])
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.5, momentum=0.9)
+    mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    classifier((inputs[mine] @ backbone.t()).float(), labels[mine], hard[mine], 0.2).backward()
+    optimizer.step()
+    state = dist_softmax.gather_classifier(classifier, optimizer)
+    if rank == 0:
+        dist_softmax.atomic_save(state, path)
+    else:
+        assert state is None
+    dist.barrier()
+    # Every row of the file is this rank's row where it owns it.
+    saved = torch.load(path, weights_only=True)
+    torch.testing.assert_close(saved["weight"][classifier.start:classifier.end], classifier.weight.detach())
+    momentum = optimizer.state[classifier.weight]["momentum_buffer"]
+    torch.testing.assert_close(saved["momentum"][classifier.start:classifier.end], momentum)
+
+
+def load_and_compare(rank, world_size, path):
+    saved = torch.load(path, mmap=True, weights_only=True)
+    classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.5, momentum=0.9)
+    dist_softmax.load_classifier(classifier, saved, optimizer)
+    torch.testing.assert_close(classifier.weight.detach(), saved["weight"][classifier.start:classifier.end])
+    torch.testing.assert_close(optimizer.state[classifier.weight]["momentum_buffer"],
+                               saved["momentum"][classifier.start:classifier.end])
+    # And gathering again on the new world size gives the same file contents.
+    again = dist_softmax.gather_classifier(classifier, optimizer)
+    if rank == 0:
+        torch.testing.assert_close(again["weight"], saved["weight"])
+        torch.testing.assert_close(again["momentum"], saved["momentum"])
+
+
+def test_classifier_saved_on_three_processes_loads_on_two(tmp_path):
+    path = str(tmp_path / "classifier.pt")
+    run_distributed(save_after_one_step, 3, path)
+    run_distributed(load_and_compare, 2, path)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_load_refuses_rows_of_another_class_count():
+    classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU)
+    state = {"weight": torch.zeros(NUM_CLASSES + 1, DIM), "momentum": None, "num_classes": NUM_CLASSES + 1}
+    with pytest.raises(ValueError, match="other data"):
+        dist_softmax.load_classifier(classifier, state)
