@@ -131,94 +131,98 @@ class DistCosineSoftmax(nn.Module):
 
 
 class _CosineSoftmax(torch.autograd.Function):
-    """Steps 2-7 with an explicit backward; one [W*b, chunk] fp32 buffer is the only large tensor."""
+    """Steps 2-7 with an explicit backward; one fp32 [W*b, chunk] buffer is the only large tensor.
+
+    The buffer holds t = log2(e) (s - 1/tau), produced directly by one matrix product (the shift
+    rides in an extra column), then 2^t = exp(s - 1/tau) in place, which backward reuses. The
+    gradient p - y is never written out: the row scale 1/sum_j and the sparse targets y are folded
+    into the small operands of the two backward products.
+    """
 
     @staticmethod
     def forward(ctx, features, weight, labels, hard_classes, alpha, module):
-        tau, start = module.temperature, module.start
-        group_size = module.world_size
-        # Matrix products follow autocast (bf16 on GPU); the softmax itself is always fp32.
+        tau, world_size = module.temperature, module.world_size
         device_type = features.device.type
+        # Matrix products follow autocast (bf16 on GPU); the softmax itself is always fp32.
         mm_dtype = (torch.get_autocast_dtype(device_type)
                     if torch.is_autocast_enabled(device_type) else torch.float32)
         with torch.autocast(device_type, enabled=False):
-            # Step 2: gather the global batch. Ids: column 0 is the label (Eq. 2: 1 - alpha), the
-            # other k columns the hard classes (alpha / k each); one gather carries both.
-            local_ids = torch.cat([labels[:, None], hard_classes], 1).contiguous()
+            # Step 2: gather the global batch B = W*b. Id column 0 is the label, columns 1..k the
+            # hard classes; one gather carries both.
             x = features.float()
-            if group_size > 1:
-                x_all = x.new_empty(group_size * x.shape[0], x.shape[1])
-                _all_gather(x_all, x.contiguous())
-                ids = local_ids.new_empty(group_size * local_ids.shape[0], local_ids.shape[1])
-                _all_gather(ids, local_ids)
-            else:
-                x_all, ids = x, local_ids
-            x_norm = F.normalize(x_all, dim=1)
-            k = ids.shape[1] - 1
-            target_weight = torch.full(ids.shape, alpha / max(k, 1), device=x.device)
-            target_weight[:, 0] = 1.0 - alpha if k else 1.0
-            local_ids = ids - start  # columns of the local shard; out-of-shard ids fall outside
+            ids = _all_gather_rows(torch.cat([labels[:, None], hard_classes], 1), world_size)
+            x_norm = F.normalize(_all_gather_rows(x, world_size), dim=1)
+            target_weight = _target_weights(ids.shape, alpha, x.device)
+            local_ids = ids - module.start  # rows of the local shard; other shards' ids fall outside
 
             w = weight.float()
             inv_w_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
-            n_local = w.shape[0]
-            chunk = module.chunk_size or n_local
-            stats = x.new_zeros(2, x_all.shape[0])  # [sum_j exp(s_ij - 1/tau), sum_j y_ij s_ij]
+            x_aug = torch.cat([x_norm * (LOG2E / tau), x_norm.new_full((len(x_norm), 1), LOG2E)], 1)
+            sums = x.new_zeros(2, len(x_norm))  # per row: sum_j exp(s_ij - 1/tau), sum_j y_ij t_ij
             buffers = []
-            for c0 in range(0, n_local, chunk):
-                c1 = min(c0 + chunk, n_local)
-                # Step 3: s = cos / tau, written once into the buffer.
-                s = _logits(x_norm, w[c0:c1], inv_w_norm[c0:c1], tau, mm_dtype)
-                # Step 5's target term, read from the logits before they become exp.
+            for c0, c1 in _chunks(len(w), module.chunk_size):
+                # Step 3: t = log2(e) (cos / tau - 1/tau) for this chunk of local rows.
+                w_aug = _augmented_rows(w, inv_w_norm, c0, c1, tau, mm_dtype)
+                t = _matmul(x_aug, w_aug.t(), mm_dtype)
+                # The target term of Eq. 3, read off before t turns into exp.
                 in_chunk, cols = _chunk_columns(local_ids, c0, c1)
-                stats[1] += (s.gather(1, cols) * target_weight * in_chunk).sum(1)
-                # Step 4: exp in place; the row sums are this shard's share of the denominators.
-                stats[0] += s.sub_(1.0 / tau).exp_().sum(1)
+                sums[1] += (t.gather(1, cols) * target_weight * in_chunk).sum(1)
+                # Step 4: exp in place (exp2, the cheaper instruction); this shard's row sums.
+                sums[0] += t.exp2_().sum(1)
                 if module.chunk_size is None:
-                    buffers.append(s)  # kept for backward: it becomes p, then the gradient
-            if group_size > 1:
-                dist.all_reduce(stats)  # Step 4: the one all-reduce of the forward pass
-            # Step 5: Eq. 3 as log-sum-exp minus the target term, mean over the global batch.
-            loss = (stats[0].log() + 1.0 / tau - stats[1]).mean()
+                    buffers = [t, w_aug]  # backward reuses both; a chunked run recomputes them
+            if world_size > 1:
+                dist.all_reduce(sums)  # Step 4: the one all-reduce, denominators and targets together
+            # Step 5: Eq. 3 = log sum_j exp(s_ij) - sum_j y_ij s_ij. Since sum_j y_ij = 1, the two
+            # 1/tau shifts cancel: loss_i = log sums0_i - sums1_i / log2(e).
+            loss = (sums[0].log() - sums[1] / LOG2E).mean()
 
         ctx.module, ctx.mm_dtype, ctx.buffers = module, mm_dtype, buffers
         ctx.dtypes = features.dtype, weight.dtype
-        ctx.save_for_backward(x, x_norm, w, inv_w_norm, local_ids, target_weight, stats[0])
+        ctx.save_for_backward(x, x_norm, x_aug, w, inv_w_norm, local_ids, target_weight, sums[0])
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         module, mm_dtype = ctx.module, ctx.mm_dtype
-        x, x_norm, w, inv_w_norm, local_ids, target_weight, denominators = ctx.saved_tensors
-        tau, n_local = module.temperature, w.shape[0]
-        chunk = module.chunk_size or n_local
-        global_batch = x_norm.shape[0]
-        device_type = x.device.type
-        with torch.autocast(device_type, enabled=False):
-            # dL/ds_ij = (p_ij - y_ij) * grad / B; the 1/tau of s = cos/tau folds into the scale.
-            scale = grad_loss.float() / (global_batch * tau)
+        x, x_norm, x_aug, w, inv_w_norm, local_ids, target_weight, denominators = ctx.saved_tensors
+        tau, dim = module.temperature, w.shape[1]
+        with torch.autocast(x.device.type, enabled=False):
+            # Step 6. With c = grad / B: dL/ds_ij = c (E_ij / S_i - y_ij), E = exp(s - 1/tau), and
+            # s_ij = x_norm_i . w_j / (tau |w_j|). The E/S part goes through two matrix products with
+            # the row scale c / (tau S_i) folded into the small operand; the y part touches only the
+            # B x (k+1) target pairs.
+            c = grad_loss.float() / len(x_norm)
+            row_scale = (c / (tau * denominators))[:, None]
+            x_scaled = (x_norm * row_scale).to(mm_dtype)
             grad_x_norm = torch.zeros_like(x_norm)
-            grad_w = torch.empty_like(w)
-            for i, c0 in enumerate(range(0, n_local, chunk)):
-                c1 = min(c0 + chunk, n_local)
+            grad_w = torch.empty_like(w)  # holds dL/d(w/|w|) until the last lines of each chunk
+            for c0, c1 in _chunks(len(w), module.chunk_size):
                 if ctx.buffers:
-                    g = ctx.buffers[i]
-                else:  # chunked: recompute this chunk's exp(s - 1/tau)
-                    g = _logits(x_norm, w[c0:c1], inv_w_norm[c0:c1], tau, mm_dtype).sub_(1.0 / tau).exp_()
-                # Step 6: the buffer becomes p_ij, then (p_ij - y_ij) * scale / |w_j|, in place.
-                g.div_(denominators[:, None])
+                    (exp_t, w_aug), ctx.buffers = ctx.buffers, None
+                else:
+                    w_aug = _augmented_rows(w, inv_w_norm, c0, c1, tau, mm_dtype)
+                    exp_t = _matmul(x_aug, w_aug.t(), mm_dtype).exp2_()
+                exp_t = exp_t.to(mm_dtype)
+                grad_x_norm += _matmul(exp_t, w_aug[:, :dim], mm_dtype) * row_scale
+                gw = grad_w[c0:c1]
+                if mm_dtype == torch.float32:
+                    torch.mm(exp_t.t(), x_scaled, out=gw)
+                else:
+                    gw.copy_(exp_t.t() @ x_scaled)
+                del exp_t
+                # The -y part (Eq. 2): the label and hard classes that live in this chunk.
                 in_chunk, cols = _chunk_columns(local_ids, c0, c1)
-                g.scatter_add_(1, cols, -(target_weight * in_chunk))
-                g.mul_(inv_w_norm[c0:c1] * scale)
-                g_mm = g.to(mm_dtype)
-                grad_x_norm += (g_mm @ w[c0:c1].to(mm_dtype)).float()
-                grad_w_scaled = (g_mm.t() @ x_norm.to(mm_dtype)).float()  # |w_j|^-1 dL/d(w_j/|w_j|)
-                # Back through w_j / |w_j|: remove the component along w_j.
-                wc = w[c0:c1]
-                radial = (grad_w_scaled * wc).sum(1, keepdim=True) * inv_w_norm[c0:c1, None] ** 2
-                grad_w[c0:c1] = grad_w_scaled - radial * wc
-                del g, g_mm
-            ctx.buffers = None
+                rows, slots = in_chunk.nonzero(as_tuple=True)
+                classes = cols[rows, slots]
+                coef = (-c / tau * target_weight[rows, slots])[:, None]
+                w_norm_rows = w[c0 + classes] * inv_w_norm[c0 + classes, None]
+                grad_x_norm.index_add_(0, rows, w_norm_rows * coef)
+                gw.index_add_(0, classes, x_norm[rows] * coef)
+                # Back through w / |w|: drop the radial component, divide by |w|.
+                wc, inv = w[c0:c1], inv_w_norm[c0:c1, None]
+                radial = torch.linalg.vecdot(gw, wc)[:, None] * inv * inv
+                gw.addcmul_(wc, radial, value=-1).mul_(inv)
             # Step 7: sum the shards' parts of the embedding gradient and keep this rank's rows.
             if module.world_size > 1:
                 grad_x_norm_local = grad_x_norm.new_empty(x.shape)
@@ -227,24 +231,54 @@ class _CosineSoftmax(torch.autograd.Function):
                 grad_x_norm_local.mul_(module.world_size)
             else:
                 grad_x_norm_local = grad_x_norm
-            # Back through x / |x| on the local rows only.
+            # Back through x / |x|, on the local rows only.
             x_norm_local = F.normalize(x, dim=1)
             radial = (grad_x_norm_local * x_norm_local).sum(1, keepdim=True)
             grad_x = (grad_x_norm_local - radial * x_norm_local) / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
 
 
-def _logits(x_norm, w_chunk, inv_w_norm_chunk, tau, mm_dtype):
-    """s = cos(x, w) / tau for one chunk of local rows, as a fresh fp32 [B, chunk] buffer."""
-    s = (x_norm.to(mm_dtype) @ w_chunk.to(mm_dtype).t()).float()
-    return s.mul_(inv_w_norm_chunk / tau)
+LOG2E = 1.4426950408889634  # exp(u) = 2^(u log2 e)
+
+
+def _all_gather_rows(tensor, world_size):
+    if world_size == 1:
+        return tensor
+    out = tensor.new_empty(world_size * tensor.shape[0], *tensor.shape[1:])
+    _all_gather(out, tensor.contiguous())
+    return out
+
+
+def _target_weights(shape, alpha, device):
+    """Eq. 2 per id column: 1 - alpha for the label, alpha / k for each of the k hard classes."""
+    k = shape[1] - 1
+    weights = torch.full(shape, alpha / max(k, 1), device=device)
+    weights[:, 0] = 1.0 - alpha if k else 1.0
+    return weights
+
+
+def _chunks(n, chunk_size):
+    step = chunk_size or n
+    return [(c0, min(c0 + step, n)) for c0 in range(0, n, step)]
+
+
+def _augmented_rows(w, inv_w_norm, c0, c1, tau, mm_dtype):
+    """[w_j / |w_j|, -1/tau] for local rows c0..c1: times [x_norm log2(e)/tau, log2(e)] gives t."""
+    rows = w.new_empty(c1 - c0, w.shape[1] + 1)
+    torch.mul(w[c0:c1], inv_w_norm[c0:c1, None], out=rows[:, :-1])
+    rows[:, -1] = -1.0 / tau
+    return rows.to(mm_dtype)
+
+
+def _matmul(a, b, mm_dtype):
+    return (a.to(mm_dtype) @ b).float()
 
 
 def _chunk_columns(local_ids, c0, c1):
     """Which target ids fall in local rows [c0, c1), and their columns in the chunk (0 elsewhere)."""
     cols = local_ids - c0
     in_chunk = (cols >= 0) & (cols < c1 - c0)
-    return in_chunk.float(), cols.clamp(0, c1 - c0 - 1)
+    return in_chunk, cols.clamp(0, c1 - c0 - 1)
 
 
 # ---------------------------------------------------------------- checkpoints on any GPU count

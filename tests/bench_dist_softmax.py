@@ -1,0 +1,238 @@
+"""Benchmark of dist_softmax.DistCosineSoftmax (not collected by pytest).
+
+(a) One process: forward + backward of the N-way cosine softmax for a batch of 512 embeddings of
+    dimension 128, three ways: ours; plain PyTorch autograd (normalize, matmul, cross_entropy);
+    and the floor, the three matrix products alone (logits = x w^T, dx = g w, dw = g^T x).
+(b) Two processes (torchrun-style, gloo on CPU, NCCL on GPU): the paper's Table 1 comparison,
+    ours (DHP: rows sharded) against DDP with the classifier replicated on every rank, one full
+    training step of the classifier (forward, backward, SGD with momentum).
+
+Each measurement runs in a fresh process; variants alternate round by round and the medians are
+reported. Peak memory is the process's peak resident memory (VmHWM) on CPU, or the CUDA peak.
+
+    python tests/bench_dist_softmax.py                         # both parts, the issue's sizes
+    python tests/bench_dist_softmax.py --classes 200000 --rounds 3 --json bench.json
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import dist_softmax  # noqa: E402
+SINGLE = ("ours", "plain", "floor")
+PARALLEL = ("dhp", "ddp")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, nargs="+", default=[200_000, 1_281_167])
+    parser.add_argument("--parallel-classes", type=int, default=1_281_167)
+    parser.add_argument("--batch", type=int, default=512, help="global batch")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-parallel", action="store_true")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--num-classes", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    results = {"machine": machine(args.device), "batch": args.batch, "dim": args.dim, "single": {}, "parallel": {}}
+    for n in args.classes:
+        runs = alternate(SINGLE, args.rounds, lambda v: launch(v, n, args, nproc=1))
+        results["single"][n] = summarise(runs)
+        print_table(f"(a) one process, N = {n:,}, batch {args.batch}, D = {args.dim}", results["single"][n],
+                    baseline="floor", extra={"plain": "ours"})
+    if not args.skip_parallel:
+        n = args.parallel_classes
+        runs = alternate(PARALLEL, args.rounds, lambda v: launch(v, n, args, nproc=2))
+        results["parallel"][n] = summarise(runs)
+        print_table(f"(b) two processes, N = {n:,}, global batch {args.batch}: DHP vs DDP",
+                    results["parallel"][n], baseline="ddp")
+    print(results["machine"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+# ---------------------------------------------------------------- orchestration
+
+def alternate(variants, rounds, run_one):
+    runs = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            runs[v].append(run_one(v))
+    return runs
+
+
+def launch(variant, num_classes, args, nproc):
+    worker_args = [os.path.abspath(__file__), "--worker", variant, "--num-classes", str(num_classes),
+                   "--batch", str(args.batch), "--dim", str(args.dim), "--steps", str(args.steps),
+                   "--device", args.device]
+    if nproc == 1:
+        cmd = [sys.executable] + worker_args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port", str(free_port())] + worker_args
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        raise SystemExit(f"benchmark worker {variant} failed:\n{out.stderr[-3000:]}")
+    per_rank = [json.loads(line) for line in lines]
+    return {"step_s": max(r["step_s"] for r in per_rank), "peak_gb": max(r["peak_gb"] for r in per_rank)}
+
+
+def summarise(runs):
+    return {v: {"step_s": statistics.median(r["step_s"] for r in rs),
+                "peak_gb": statistics.median(r["peak_gb"] for r in rs),
+                "rounds": rs} for v, rs in runs.items()}
+
+
+def print_table(title, summary, baseline, extra=None):
+    print(f"\n{title}")
+    print(f"{'variant':>8} {'step (s)':>10} {'x ' + baseline:>10} {'peak (GB)':>10} {'x ' + baseline:>10}")
+    base = summary[baseline]
+    for v, s in summary.items():
+        print(f"{v:>8} {s['step_s']:10.3f} {s['step_s'] / base['step_s']:10.2f} "
+              f"{s['peak_gb']:10.2f} {s['peak_gb'] / base['peak_gb']:10.2f}")
+    for a, b in (extra or {}).items():
+        print(f"{b} / {a}: time {summary[b]['step_s'] / summary[a]['step_s']:.2f}x")
+
+
+def machine(device):
+    info = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if device == "cuda":
+        info += ", " + torch.cuda.get_device_name()
+    return info
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- one measured process
+
+def worker(args):
+    device = dist_softmax.init_distributed(args.device)
+    world, rank = dist_softmax.get_world_size(), dist_softmax.get_rank()
+    torch.manual_seed(rank)
+    n, d, local_b = args.num_classes, args.dim, args.batch // world
+    features = torch.randn(local_b, d, device=device, requires_grad=True)
+    labels = torch.randint(0, n, (local_b,), device=device)
+    step = build_step(args.worker, n, d, features, labels, device)
+
+    step()  # warm-up
+    sync(device)
+    base = peak_memory_gb(device, reset=True)
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = peak_memory_gb(device)
+    result = {"rank": rank, "step_s": statistics.median(times), "peak_gb": peak, "base_gb": base}
+    results = [result]
+    if world > 1:
+        results = [None] * world
+        dist.all_gather_object(results, result)
+    if rank == 0:
+        for r in results:
+            print(json.dumps(r), flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def build_step(variant, n, d, features, labels, device):
+    tau = 0.15
+    if variant == "ours" or variant == "dhp":
+        classifier = dist_softmax.DistCosineSoftmax(n, d, tau).to(device)
+        opt = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9) if variant == "dhp" else None
+
+        def step():
+            features.grad = classifier.weight.grad = None
+            classifier(features, labels).backward()
+            if opt:
+                opt.step()
+        return step
+    if variant == "plain" or variant == "ddp":
+        weight = torch.nn.Parameter(torch.randn(n, d, device=device) * 0.01)
+        module = PlainCosineSoftmax(weight, tau)
+        opt = None
+        if variant == "ddp":
+            module = torch.nn.parallel.DistributedDataParallel(module)
+            opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+
+        def step():
+            features.grad = weight.grad = None
+            module(features, labels).backward()
+            if opt:
+                opt.step()
+        return step
+    if variant == "floor":
+        x = F.normalize(features.detach(), dim=1)
+        w = F.normalize(torch.randn(n, d, device=device), dim=1)
+
+        def step():
+            g = x @ w.t()
+            dx = g @ w
+            dw = g.t() @ x
+            del g, dx, dw
+        return step
+    raise ValueError(variant)
+
+
+class PlainCosineSoftmax(torch.nn.Module):
+    """What one writes without this project: the classifier as an ordinary autograd graph."""
+
+    def __init__(self, weight, tau):
+        super().__init__()
+        self.weight, self.tau = weight, tau
+
+    def forward(self, features, labels):
+        logits = F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).t() / self.tau
+        return F.cross_entropy(logits, labels)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def peak_memory_gb(device, reset=False):
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    peak = int(status["VmHWM"].split()[0]) / 2**20
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # restart the peak-RSS counter
+    return peak
+
+
+if __name__ == "__main__":
+    main()
