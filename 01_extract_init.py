@@ -1,0 +1,503 @@
+"""Stage 01: the contrastive prior, i.e. raw-feature initialisation of the N instance-class rows.
+
+Implements the paper's second technique (section "A Contrastive Prior", Figure 4): build the
+network from --seed (ResNet backbone + 2-layer MLP head to D = 128), freeze everything but the
+BatchNorm layers, make one inference pass over the training set with BN in training mode
+("running BNs", --bn running), and use each instance's embedding as its classifier row. The other
+two arms of Figure 4 are --bn fixed (BN in eval mode) and --init random (Gaussian rows, no pass).
+
+The prior is extracted from the centre crop (eval_transform), not from a training augmentation:
+one deterministic view per instance, the one every augmented view of it is centred on, so the rows
+do not depend on the luck of one random crop and can be reproduced exactly.
+
+Each process embeds exactly the instances whose rows it owns (dist_softmax.shard_range), so no
+features are gathered; the rows are assembled on rank 0 only to be written. Output, loadable with
+torch.load(..., weights_only=True) on any number of processes:
+  RUN/init.pt    {"network": state_dict after the pass, "classifier": {"weight": [N, 128],
+                  "momentum": None, "num_classes": N}, "args": {...}, "fingerprint": {...}}
+  RUN/data.json  the training list's fingerprint; later stages refuse different data
+When the train folder has more than one class it also prints the same-class top-1 retrieval of
+the raw features against chance (the paper: about 3% against 0.1% on ImageNet) and the mean
+cosine between two augmented views of one instance against two different instances (Figure 4).
+
+Commands:
+  python 01_extract_init.py --make-demo-data demo_data        # a small generated image set
+  python 01_extract_init.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 --batch-size 256
+  torchrun --nproc_per_node=8 01_extract_init.py --data /datasets/imagenet --out runs/in1k
+  torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+      01_extract_init.py --data /datasets/imagenet --out runs/in1k
+--data ROOT holds train/ in ImageFolder layout (found recursively: tiny-imagenet-200/ works as is).
+"""
+import argparse
+import colorsys
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw
+from torch import nn
+from torchvision import transforms
+
+import dist_softmax as dsm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def add_common_args(parser, epochs, batch_size, data_required=True):
+    """The flags every stage shares (see the README's conventions). epochs=None: no --epochs."""
+    parser.add_argument("--data", required=data_required, metavar="ROOT",
+                        help="dataset root holding train/ (and val/ for evaluation), ImageFolder layout")
+    parser.add_argument("--out", default="run", metavar="RUN", help="run folder shared by all stages")
+    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="crop side; <= 64 uses the small-image stem (3x3 stride-1 conv1, no max-pool)")
+    if epochs is not None:
+        parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="global batch in instances, split evenly over the processes")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="data-loading processes per training process")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+add_common_args(parser, epochs=None, batch_size=4096, data_required=False)
+parser.add_argument("--bn", default="running", choices=["running", "fixed"],
+                    help="BN in training mode during the pass (the paper's running BNs) or in eval mode")
+parser.add_argument("--init", default="raw", choices=["raw", "random"],
+                    help="raw: rows = embeddings from the pass; random: Gaussian rows, no pass")
+parser.add_argument("--dim", type=int, default=128, help="embedding size D")
+parser.add_argument("--diagnostic-samples", type=int, default=1000,
+                    help="queries for the retrieval check and instances for the cosine gap")
+parser.add_argument("--make-demo-data", metavar="DIR",
+                    help="write the generated demo image set (train/ and val/) to DIR and exit")
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.make_demo_data:
+        make_demo_dataset(args.make_demo_data, seed=args.seed)
+        print(f"wrote demo data to {args.make_demo_data} (train/ and val/, 10 classes, 64 px)")
+        return
+    if args.data is None:
+        fail("--data ROOT is required (a folder holding train/); or --make-demo-data DIR to create one")
+    owns_group = not torch.distributed.is_initialized()  # a caller's group is left to the caller
+    device = dsm.init_distributed(args.device)
+    rank, world = dsm.get_rank(), dsm.get_world_size()
+    log = print if dsm.is_main() else (lambda *a, **k: None)
+
+    # ---- data ----
+    train_dir = os.path.join(args.data, "train")
+    paths, labels, classes = list_images(train_dir)
+    n = len(paths)
+    if n < 2 * world:
+        fail(f"{train_dir} holds {n} images, fewer than 2 per process for {world} processes; use fewer processes")
+    os.makedirs(args.out, exist_ok=True)
+    fingerprint = check_data_fingerprint(args.out, paths, args.data)
+    local_batch = resolve_rank_batch(args.batch_size, world)
+    log(f"01_extract_init: {n} instances, {len(classes)} folder classes, {world} process(es) on {device}, "
+        f"batch {args.batch_size} ({local_batch} per process), init {args.init}, BN {args.bn}")
+    log("args: " + json.dumps(vars(args), sort_keys=True))
+
+    # ---- network ----
+    torch.manual_seed(args.seed)  # the same initial network on every rank
+    net = EmbeddingNet(args.arch, args.image_size, args.dim).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    net.requires_grad_(False)  # everything frozen; only BN running statistics may move
+    classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
+    start, end = classifier.start, classifier.end
+
+    # ---- the pass: each rank embeds its own rows [start, end) ----
+    t0 = time.perf_counter()
+    if args.init == "raw":
+        net.train(args.bn == "running")
+        rows = embed_rows(net, paths[start:end], eval_transform(args.image_size), local_batch,
+                          args.workers, device)
+        if args.bn == "running" and world > 1:
+            average_bn_statistics(net)  # one network state for the run, whatever the process count
+    else:
+        # Figure 4's "random init." arm; rank-seeded Gaussian rows, no pass over the data.
+        generator = torch.Generator().manual_seed(args.seed * 1000003 + rank)
+        rows = torch.randn(end - start, args.dim, generator=generator).to(device)
+    # Unit rows: the cosine logits ignore a row's length, but its SGD step scales with 1/|w|^2,
+    # so every arm starts at the same scale whatever the raw embeddings' norm.
+    with torch.no_grad():
+        classifier.weight.copy_(F.normalize(rows.float(), dim=1))
+    log(f"rows ready in {time.perf_counter() - t0:.1f} s")
+
+    # ---- save ----
+    state = dsm.gather_classifier(classifier)  # collective
+    if dsm.is_main():
+        network = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        path = os.path.join(args.out, "init.pt")
+        dsm.atomic_save({"network": network, "classifier": state, "args": vars(args),
+                         "fingerprint": fingerprint}, path)
+        log(f"wrote {path}: network + {n} x {args.dim} classifier rows")
+
+        # ---- diagnostics (rank 0, on the assembled rows) ----
+        if len(classes) > 1:
+            hits, chance, queries = retrieval_top1(state["weight"], labels, args.diagnostic_samples,
+                                                   args.seed, device)
+            log(f"raw-feature same-class top-1 retrieval: {100 * hits:.1f}% over {queries} queries "
+                f"(chance {100 * chance:.1f}%)")
+        same, other = view_cosine_gap(net, paths, args, device)
+        log(f"mean cosine, two views of one instance: {same:.4f}; of two instances: {other:.4f}; "
+            f"gap {same - other:.4f} (BN {args.bn})")
+    if owns_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- errors and data
+
+def fail(message):
+    """A one-line error on stderr and exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def list_images(folder):
+    """(paths, labels, classes) for every image below `folder`, recursively, sorted by relative path.
+
+    label = index of the file's top-level subfolder among the sorted subfolder names (files
+    directly in `folder` form a class named ""). The position in `paths` is the instance id.
+    """
+    if not os.path.isdir(folder):
+        fail(f"{folder} is not a folder; --data ROOT must hold train/ with one subfolder per class")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/"))
+    if not found:
+        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {folder}")
+    found.sort()
+    tops = [rel.split("/")[0] if "/" in rel else "" for rel in found]
+    classes = sorted(set(tops))
+    index = {c: i for i, c in enumerate(classes)}
+    return [os.path.join(folder, rel) for rel in found], [index[t] for t in tops], classes
+
+
+def check_data_fingerprint(run_dir, paths, data_root):
+    """Record (first call) or check (later calls) RUN/data.json: the count and sha256 of the
+    training list relative to data_root. Different data -> fail(). Returns the fingerprint."""
+    rel = [os.path.relpath(p, data_root).replace(os.sep, "/") for p in paths]
+    fingerprint = {"count": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest()}
+    path = os.path.join(run_dir, "data.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if (saved["count"], saved["sha256"]) != (fingerprint["count"], fingerprint["sha256"]):
+            fail(f"{run_dir} was made from {saved['count']} training images ({saved.get('root', '?')}) but "
+                 f"--data {data_root} lists {fingerprint['count']} different ones; pass the original --data "
+                 f"or a new --out folder")
+    elif dsm.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({**fingerprint, "root": os.path.abspath(data_root)}, f, indent=2)
+        os.replace(tmp, path)
+    return fingerprint
+
+
+class BadImageError(RuntimeError):
+    """An image file that PIL cannot decode; the message names the file."""
+
+
+class ImageList(torch.utils.data.Dataset):
+    """paths -> (transform(image), index). Index = position in `paths` (the instance id)."""
+
+    def __init__(self, paths, transform, labels=None):
+        self.paths, self.transform, self.labels = paths, transform, labels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise BadImageError(f"cannot read image {path} ({e}); remove or replace that file") from None
+        return self.transform(image), index
+
+
+@contextlib.contextmanager
+def bad_images_fail():
+    """Turn a BadImageError (also one re-raised from a loader worker) into fail(<its one line>)."""
+    try:
+        yield
+    except BadImageError as e:
+        lines = [line for line in str(e).splitlines() if "cannot read image" in line]
+        fail((lines[-1] if lines else str(e)).split("BadImageError: ")[-1].strip())
+
+
+class TwoViews:
+    """Two independent draws of a random transform, stacked: [2, C, H, W]."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return torch.stack([self.transform(image), self.transform(image)])
+
+
+def eval_transform(image_size):
+    """Resize the short side to 1.14 x size (256/224), centre crop, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.Resize(int(round(image_size * 1.14))),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transform(image_size):
+    """SimCLR-style augmentation (MoCo v2 strengths): crop, flip, jitter, grayscale, blur."""
+    kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # about 10% of the side, odd
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def resolve_rank_batch(global_batch, world_size):
+    """This process's share of the global --batch-size; it must split evenly."""
+    if global_batch < world_size or global_batch % world_size:
+        fail(f"--batch-size {global_batch} does not split evenly over {world_size} processes; "
+             f"use a multiple of {world_size}")
+    return global_batch // world_size
+
+
+# ---------------------------------------------------------------- networks
+
+def build_backbone(arch, image_size):
+    """(torchvision ResNet with fc = Identity, feature width). Key names stay torchvision's.
+
+    At image_size <= 64 the usual small-image stem replaces conv1 (3x3, stride 1) and drops the
+    max-pool. Such a state_dict loads into torchvision.models.<arch>() given the same stem, i.e.
+    into build_backbone(arch, size) or a torchvision ResNet whose conv1 was swapped likewise;
+    at larger sizes it loads into a plain torchvision.models.<arch>() with only fc.* missing.
+    """
+    model = getattr(torchvision.models, arch)(weights=None)
+    feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    if image_size <= 64:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        if dsm.is_main():
+            print(f"{arch} at {image_size} px: small-image stem (3x3 stride-1 conv1, no max-pool)")
+    return model, feature_dim
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone + the paper's 2-layer MLP head to D dims: Linear(F, F) + BN + ReLU + Linear(F, D).
+
+    The hidden width equals the backbone width (2048 for ResNet-50) and BN sits in the hidden
+    layer, as in the SimCLR/MoCo v2 heads the paper compares with; the output is not normalised
+    (the cosine classifier does that).
+    """
+
+    def __init__(self, arch, image_size, dim=128):
+        super().__init__()
+        self.backbone, width = build_backbone(arch, image_size)
+        self.head = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width),
+                                  nn.ReLU(inplace=True), nn.Linear(width, dim))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# ---------------------------------------------------------------- the pass and its diagnostics
+
+@torch.no_grad()
+def embed_rows(net, paths, transform, batch_size, workers, device):
+    """Embeddings [len(paths), D] in file order. In training mode (running BNs) every batch is
+    normalised with its own statistics, so the batches are fixed: consecutive files, and a last
+    batch of one (which BN cannot normalise) joins the one before."""
+    batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] += batches.pop()
+    loader = torch.utils.data.DataLoader(ImageList(paths, transform), batch_sampler=batches,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    rows = torch.empty(len(paths), net.head[-1].out_features, device=device)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else contextlib.nullcontext())
+    with bad_images_fail():
+        for images, index in loader:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with amp:
+                rows[index.to(device)] = net(images).float()
+    return rows
+
+
+def average_bn_statistics(net):
+    """Average the BN running statistics over the ranks (each saw only its own shard)."""
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for buffer in (module.running_mean, module.running_var):
+                torch.distributed.all_reduce(buffer)
+                buffer /= dsm.get_world_size()
+
+
+@torch.no_grad()
+def retrieval_top1(rows, labels, samples, seed, device, chunk=65536):
+    """Share of queries whose most cosine-similar other row has the same folder class, the chance
+    of that for a random other row (sum_c n_c (n_c - 1) / N (N - 1)), and the number of queries."""
+    labels = torch.as_tensor(labels)
+    n = rows.shape[0]
+    query = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
+    q = F.normalize(rows[query].to(device).float(), dim=1)
+    best_val = torch.full((len(query),), -float("inf"), device=device)
+    best_idx = torch.zeros(len(query), dtype=torch.long, device=device)
+    for c0 in range(0, n, chunk):
+        s = q @ F.normalize(rows[c0:c0 + chunk].to(device).float(), dim=1).t()
+        own = (query.to(device) >= c0) & (query.to(device) < c0 + s.shape[1])
+        s[own.nonzero()[:, 0], query.to(device)[own] - c0] = -float("inf")  # never the query itself
+        val, idx = s.max(1)
+        better = val > best_val
+        best_val[better], best_idx[better] = val[better], idx[better] + c0
+    hits = (labels[best_idx.cpu()] == labels[query]).double().mean().item()
+    sizes = torch.bincount(labels).double()
+    chance = ((sizes * (sizes - 1)).sum() / (n * (n - 1))).item()
+    return hits, chance, len(query)
+
+
+@torch.no_grad()
+def view_cosine_gap(net, paths, args, device, batch_size=64):
+    """Figure 4's similarity gap: mean cosine of the embeddings of two augmented views of one
+    instance, and of views of two different instances, on a fixed sample, with BN as in the pass.
+    A copy of the network is used so that its BN statistics stay as they were saved."""
+    net = copy.deepcopy(net).train(args.bn == "running")
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    sample = torch.randperm(len(paths), generator=generator)[:args.diagnostic_samples].tolist()
+    torch.manual_seed(args.seed + 2)  # the augmentations drawn below
+    dataset = ImageList([paths[i] for i in sample], TwoViews(train_transform(args.image_size)))
+    batch_size = min(batch_size, len(sample))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(sample) > batch_size)
+    first, second = [], []
+    with bad_images_fail():
+        for views, _ in loader:
+            z = net(views.flatten(0, 1).to(device)).float().view(views.shape[0], 2, -1)
+            first.append(F.normalize(z[:, 0], dim=1))
+            second.append(F.normalize(z[:, 1], dim=1))
+    first, second = torch.cat(first), torch.cat(second)
+    same = (first * second).sum(1).mean().item()
+    other = (first * second.roll(1, dims=0)).sum(1).mean().item()  # instance i against i - 1
+    return same, other
+
+
+# ---------------------------------------------------------------- demo data
+
+SHAPES = ("circle", "ring", "square", "diamond", "triangle", "star", "cross", "frame", "half_disc", "bars")
+
+
+def make_demo_dataset(root, num_classes=10, train_per_class=40, val_per_class=10, image_size=64, seed=0):
+    """Write a deterministic image set with real class structure to root/{train,val}/<class>/*.png.
+
+    The class is the shape kind (circle, ring, square, ...); with more classes than shapes it is
+    shape x hue family. Colour is random within a class (any hue unless a family fixes a range),
+    and size, position, rotation, background gradient, noise and small distractor blobs vary per
+    image, so colour alone does not tell the classes apart.
+    """
+    families = math.ceil(num_classes / len(SHAPES))
+    names = [f"{c:03d}_{SHAPES[c % len(SHAPES)]}" + (f"_hue{c // len(SHAPES)}" if families > 1 else "")
+             for c in range(num_classes)]
+    for split_id, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
+        for c, name in enumerate(names):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, split_id, c, i])
+                image = _demo_image(rng, SHAPES[c % len(SHAPES)], c // len(SHAPES), families, image_size)
+                image.save(os.path.join(folder, f"{i:05d}.png"))
+    return root
+
+
+def _demo_image(rng, shape, family, families, size):
+    big = 2 * size  # drawn at twice the size, then downsampled (anti-aliasing)
+
+    def hsv(h, s, v):
+        return tuple(int(255 * x) for x in colorsys.hsv_to_rgb(h % 1.0, s, v))
+
+    # background: a gradient between two muted colours, plus pixel noise
+    a = np.array(hsv(rng.random(), rng.uniform(0, 0.4), rng.uniform(0.2, 0.9)), float)
+    b = np.array(hsv(rng.random(), rng.uniform(0, 0.4), rng.uniform(0.2, 0.9)), float)
+    t = np.linspace(0, 1, big)[None, :, None]
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * t + np.sin(angle) * t.transpose(1, 0, 2)) / 2 + 0.5
+    background = a * (1 - ramp) + b * ramp + rng.normal(0, 10, (big, big, 3))
+    canvas = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.integers(0, 4)):  # distractor blobs
+        x, y, r = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(0.02, 0.06) * big
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=hsv(rng.random(), rng.random(), rng.random()))
+
+    # the shape, as a mask, in a colour from the class's hue family
+    r = rng.uniform(0.22, 0.4) * big
+    cx, cy = rng.uniform(r + 2, big - r - 2, size=2)
+    rot = np.deg2rad(rng.uniform(-25, 25))
+    mask = Image.new("L", (big, big), 0)
+    m = ImageDraw.Draw(mask)
+
+    def poly(radii, angles):
+        angles = np.asarray(angles) + rot
+        return [(cx + q * np.cos(p), cy + q * np.sin(p)) for q, p in zip(radii, angles)]
+
+    def box(q):
+        return (cx - q, cy - q, cx + q, cy + q)
+
+    square = np.deg2rad([45, 135, 225, 315])
+    if shape == "circle":
+        m.ellipse(box(r), fill=255)
+    elif shape == "ring":
+        m.ellipse(box(r), fill=255)
+        m.ellipse(box(0.6 * r), fill=0)
+    elif shape == "square":
+        m.polygon(poly([r] * 4, square), fill=255)
+    elif shape == "diamond":
+        m.polygon(poly([r] * 4, square - np.pi / 4), fill=255)
+    elif shape == "triangle":
+        m.polygon(poly([r] * 3, np.deg2rad([-90, 30, 150])), fill=255)
+    elif shape == "star":
+        m.polygon(poly([r, 0.45 * r] * 5, np.deg2rad(np.arange(10) * 36 - 90)), fill=255)
+    elif shape == "cross":
+        w = 0.3 * r  # a plus sign: the 12 corners as (radius, angle) pairs
+        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+                   (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        m.polygon(poly([math.hypot(x, y) for x, y in corners], [math.atan2(y, x) for x, y in corners]), fill=255)
+    elif shape == "frame":
+        m.polygon(poly([r] * 4, square), fill=255)
+        m.polygon(poly([0.6 * r] * 4, square), fill=0)
+    elif shape == "half_disc":
+        start = np.rad2deg(rot)
+        m.pieslice(box(r), start, start + 180, fill=255)
+    elif shape == "bars":
+        for offset in (-0.55 * r, 0.55 * r):
+            corners = [(-r, offset - 0.25 * r), (r, offset - 0.25 * r), (r, offset + 0.25 * r), (-r, offset + 0.25 * r)]
+            m.polygon(poly([math.hypot(x, y) for x, y in corners], [math.atan2(y, x) for x, y in corners]), fill=255)
+    hue = (family + rng.random()) / families
+    colour = Image.new("RGB", (big, big), hsv(hue, rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)))
+    canvas.paste(colour, (0, 0), mask)
+    return canvas.resize((size, size), Image.BILINEAR)
+
+
+if __name__ == "__main__":
+    main()
