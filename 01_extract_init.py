@@ -78,6 +78,8 @@ parser.add_argument("--bn", default="running", choices=["running", "fixed"],
 parser.add_argument("--init", default="raw", choices=["raw", "random"],
                     help="raw: rows = embeddings from the pass; random: Gaussian rows, no pass")
 parser.add_argument("--dim", type=int, default=128, help="embedding size D")
+parser.add_argument("--head", default="mlp", choices=["mlp", "linear"],
+                    help="the 2-layer MLP head, or one linear layer (Table 2's 'no MLP head' row)")
 parser.add_argument("--diagnostic-samples", type=int, default=1000,
                     help="queries for the retrieval check and instances for the cosine gap")
 parser.add_argument("--make-demo-data", metavar="DIR",
@@ -112,7 +114,7 @@ def main(argv=None):
 
     # ---- network ----
     torch.manual_seed(args.seed)  # the same initial network on every rank
-    net = EmbeddingNet(args.arch, args.image_size, args.dim).to(device)
+    net = EmbeddingNet(args.arch, args.image_size, args.dim, args.head).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     net.requires_grad_(False)  # everything frozen; only BN running statistics may move
@@ -313,11 +315,14 @@ class EmbeddingNet(nn.Module):
     (the cosine classifier does that).
     """
 
-    def __init__(self, arch, image_size, dim=128):
+    def __init__(self, arch, image_size, dim=128, head="mlp"):
         super().__init__()
         self.backbone, width = build_backbone(arch, image_size)
-        self.head = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width),
-                                  nn.ReLU(inplace=True), nn.Linear(width, dim))
+        if head == "mlp":
+            self.head = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width),
+                                      nn.ReLU(inplace=True), nn.Linear(width, dim))
+        else:  # Table 2's ablation without the MLP head
+            self.head = nn.Sequential(nn.Linear(width, dim))
 
     def forward(self, x):
         return self.head(self.backbone(x))

@@ -96,7 +96,7 @@ def main(argv=None):
     steps = len(loader)
 
     # ---- networks: backbone + head in DDP, the classifier rows outside it ----
-    net = extract.EmbeddingNet(made["arch"], made["image_size"], made["dim"]).to(device)
+    net = extract.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made.get("head", "mlp")).to(device)
     net.load_state_dict(init["network"])
     if cuda:
         net = net.to(memory_format=torch.channels_last)
@@ -223,9 +223,9 @@ def main(argv=None):
 def train_step(model, classifier, optimizers, images, labels, hard_classes, alpha, amp):
     """One step (steps 1-8): embed the local views, the sharded softmax loss (Eq. 1 or 3),
     backward, SGD on network and rows. Returns the loss; a non-finite one skips the update."""
-    with amp:
+    with amp:  # bf16 products on CUDA; the classifier keeps its softmax in fp32 (dist_softmax)
         features = model(images)
-    loss = classifier(features.float(), labels, hard_classes, alpha)
+        loss = classifier(features, labels, hard_classes, alpha)
     value = loss.item()  # the same on every rank: the classifier all-reduces it
     if not math.isfinite(value):
         return value
