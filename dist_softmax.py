@@ -150,8 +150,8 @@ class _CosineSoftmax(torch.autograd.Function):
             # Step 2: gather the global batch B = W*b. Id column 0 is the label, columns 1..k the
             # hard classes; one gather carries both.
             x = features.float()
-            ids = _all_gather_rows(torch.cat([labels[:, None], hard_classes], 1), world_size)
-            x_norm = F.normalize(_all_gather_rows(x, world_size), dim=1)
+            ids = all_gather_rows(torch.cat([labels[:, None], hard_classes], 1))
+            x_norm = F.normalize(all_gather_rows(x), dim=1)
             target_weight = _target_weights(ids.shape, alpha, x.device)
             local_ids = ids - module.start  # rows of the local shard; other shards' ids fall outside
 
@@ -224,13 +224,8 @@ class _CosineSoftmax(torch.autograd.Function):
                 radial = torch.linalg.vecdot(gw, wc)[:, None] * inv * inv
                 gw.addcmul_(wc, radial, value=-1).mul_(inv)
             # Step 7: sum the shards' parts of the embedding gradient and keep this rank's rows.
-            if module.world_size > 1:
-                grad_x_norm_local = grad_x_norm.new_empty(x.shape)
-                _reduce_scatter(grad_x_norm_local, grad_x_norm)
-                # DDP averages backbone gradients over W ranks; W x dL/dx makes that average exact.
-                grad_x_norm_local.mul_(module.world_size)
-            else:
-                grad_x_norm_local = grad_x_norm
+            # DDP averages backbone gradients over W ranks; W x dL/dx makes that average exact.
+            grad_x_norm_local = reduce_scatter_rows(grad_x_norm).mul_(module.world_size)
             # Back through x / |x|, on the local rows only.
             x_norm_local = F.normalize(x, dim=1)
             radial = (grad_x_norm_local * x_norm_local).sum(1, keepdim=True)
@@ -241,11 +236,23 @@ class _CosineSoftmax(torch.autograd.Function):
 LOG2E = 1.4426950408889634  # exp(u) = 2^(u log2 e)
 
 
-def _all_gather_rows(tensor, world_size):
+def all_gather_rows(tensor):
+    """Every rank's `tensor` stacked along dim 0 in rank order (all ranks pass the same shape)."""
+    world_size = get_world_size()
     if world_size == 1:
         return tensor
     out = tensor.new_empty(world_size * tensor.shape[0], *tensor.shape[1:])
     _all_gather(out, tensor.contiguous())
+    return out
+
+
+def reduce_scatter_rows(tensor):
+    """Sum `tensor` over the ranks and return this rank's 1/W of the rows (dim 0, rank order)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    out = tensor.new_empty(tensor.shape[0] // world_size, *tensor.shape[1:])
+    _reduce_scatter(out, tensor.contiguous())
     return out
 
 
