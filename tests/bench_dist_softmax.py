@@ -8,7 +8,8 @@
     training step of the classifier (forward, backward, SGD with momentum).
 
 Each measurement runs in a fresh process; variants alternate round by round and the medians are
-reported. Peak memory is the process's peak resident memory (VmHWM) on CPU, or the CUDA peak.
+reported: wall time, and the process's CPU time (the fairer figure on a shared machine, with
+--threads 1). Peak memory is the process's peak resident memory (VmHWM) on CPU, or the CUDA peak.
 
     python tests/bench_dist_softmax.py                         # both parts, the sizes
     python tests/bench_dist_softmax.py --classes 200000 --rounds 3 --json bench.json
@@ -42,6 +43,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (CPU)")
     parser.add_argument("--skip-parallel", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -81,7 +83,7 @@ def alternate(variants, rounds, run_one):
 def launch(variant, num_classes, args, nproc):
     worker_args = [os.path.abspath(__file__), "--worker", variant, "--num-classes", str(num_classes),
                    "--batch", str(args.batch), "--dim", str(args.dim), "--steps", str(args.steps),
-                   "--device", args.device]
+                   "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
     if nproc == 1:
         cmd = [sys.executable] + worker_args
     else:
@@ -92,24 +94,25 @@ def launch(variant, num_classes, args, nproc):
     if out.returncode or not lines:
         raise SystemExit(f"benchmark worker {variant} failed:\n{out.stderr[-3000:]}")
     per_rank = [json.loads(line) for line in lines]
-    return {"step_s": max(r["step_s"] for r in per_rank), "peak_gb": max(r["peak_gb"] for r in per_rank)}
+    return {key: max(r[key] for r in per_rank) for key in ("step_s", "cpu_s", "peak_gb")}
 
 
 def summarise(runs):
-    return {v: {"step_s": statistics.median(r["step_s"] for r in rs),
-                "peak_gb": statistics.median(r["peak_gb"] for r in rs),
+    return {v: {**{key: statistics.median(r[key] for r in rs) for key in ("step_s", "cpu_s", "peak_gb")},
                 "rounds": rs} for v, rs in runs.items()}
 
 
 def print_table(title, summary, baseline, extra=None):
     print(f"\n{title}")
-    print(f"{'variant':>8} {'step (s)':>10} {'x ' + baseline:>10} {'peak (GB)':>10} {'x ' + baseline:>10}")
+    print(f"{'variant':>8} {'step (s)':>9} {'x ' + baseline:>8} {'CPU (s)':>9} {'x ' + baseline:>8} "
+          f"{'peak (GB)':>9} {'x ' + baseline:>8}")
     base = summary[baseline]
     for v, s in summary.items():
-        print(f"{v:>8} {s['step_s']:10.3f} {s['step_s'] / base['step_s']:10.2f} "
-              f"{s['peak_gb']:10.2f} {s['peak_gb'] / base['peak_gb']:10.2f}")
+        print(f"{v:>8} {s['step_s']:9.3f} {s['step_s'] / base['step_s']:8.2f} {s['cpu_s']:9.3f} "
+              f"{s['cpu_s'] / base['cpu_s']:8.2f} {s['peak_gb']:9.2f} {s['peak_gb'] / base['peak_gb']:8.2f}")
     for a, b in (extra or {}).items():
-        print(f"{b} / {a}: time {summary[b]['step_s'] / summary[a]['step_s']:.2f}x")
+        print(f"{b} / {a}: wall time {summary[b]['step_s'] / summary[a]['step_s']:.2f}x, "
+              f"CPU time {summary[b]['cpu_s'] / summary[a]['cpu_s']:.2f}x")
 
 
 def machine(device):
@@ -129,6 +132,8 @@ def free_port():
 # ---------------------------------------------------------------- one measured process
 
 def worker(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = dist_softmax.init_distributed(args.device)
     world, rank = dist_softmax.get_world_size(), dist_softmax.get_rank()
     torch.manual_seed(rank)
@@ -140,15 +145,17 @@ def worker(args):
     step()  # warm-up
     sync(device)
     base = peak_memory_gb(device, reset=True)
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     peak = peak_memory_gb(device)
-    result = {"rank": rank, "step_s": statistics.median(times), "peak_gb": peak, "base_gb": base}
+    result = {"rank": rank, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu_times),
+              "peak_gb": peak, "base_gb": base}
     results = [result]
     if world > 1:
         results = [None] * world
