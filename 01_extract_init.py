@@ -130,9 +130,15 @@ def main(argv=None):
         if args.bn == "running" and world > 1:
             average_bn_statistics(net)  # one network state for the run, whatever the process count
     else:
-        # Figure 4's "random init." arm; rank-seeded Gaussian rows, no pass over the data.
-        generator = torch.Generator().manual_seed(args.seed * 1000003 + rank)
-        rows = torch.randn(end - start, args.dim, generator=generator).to(device)
+        # Figure 4's "random init." arm: Gaussian rows, no pass over the data. Rows come in blocks of
+        # 4096 drawn from a generator seeded by (--seed, block), so they do not depend on the process count.
+        blocks = []
+        for block in range(start // 4096, (end - 1) // 4096 + 1):
+            generator = torch.Generator().manual_seed(args.seed * 1000003 + block)
+            rows_of_block = torch.randn(4096, args.dim, generator=generator)
+            lo, hi = max(start, block * 4096), min(end, (block + 1) * 4096)
+            blocks.append(rows_of_block[lo - block * 4096:hi - block * 4096])
+        rows = torch.cat(blocks).to(device)
     # Unit rows: the cosine logits ignore a row's length, but its SGD step scales with 1/|w|^2,
     # so every arm starts at the same scale whatever the raw embeddings' norm.
     with torch.no_grad():
@@ -157,8 +163,7 @@ def main(argv=None):
         same, other = view_cosine_gap(net, paths, args, device)
         log(f"mean cosine, two views of one instance: {same:.4f}; of two instances: {other:.4f}; "
             f"gap {same - other:.4f} (BN {args.bn})")
-    if owns_group and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    dsm.finish_distributed(owns_group)
 
 
 # ---------------------------------------------------------------- errors and data

@@ -214,8 +214,7 @@ def main(argv=None):
         dsm.atomic_save({key: value.detach().cpu() for key, value in net.backbone.state_dict().items()},
                         backbone_path)
         log(f"wrote {backbone_path} ({args.arch}, {args.image_size} px)")
-    if owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    dsm.finish_distributed(owns_group)
 
 
 # ---------------------------------------------------------------- helpers of this stage

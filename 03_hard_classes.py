@@ -58,11 +58,11 @@ DEFAULT_CHUNK = {"cpu": 2048, "cuda": 8192}  # rows and columns per similarity b
 DENSE = 1024  # columns of a plain top-k that set each row's first threshold
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parser.parse_args(argv)
     owns_group = not dist.is_initialized()  # a caller's group is left to the caller
     device = dsm.init_distributed(args.device)
-    torch.set_grad_enabled(False)
     log = print if dsm.is_main() else (lambda *a, **k: None)
 
     # ---- classifier: the newest rows in the run folder ----
@@ -105,8 +105,8 @@ def main(argv=None):
     log(f"mined in {seconds:.1f} s")
 
     # ---- save: the shards travel to rank 0 one at a time ----
-    table = _gather_rows(table, classifier)
-    similarity = _gather_rows(similarity, classifier)
+    table = dsm.gather_shards(table, num_classes)
+    similarity = dsm.gather_shards(similarity, num_classes)
     if dsm.is_main():
         path = os.path.join(args.out, "hard_classes.pt")
         dsm.atomic_save({"hard_classes": table, "similarity": similarity, "k": args.hard_k,
@@ -129,8 +129,7 @@ def main(argv=None):
         path = os.path.join(args.out, "hard_classes.png")
         _save_grid(paths, table, path, args)
         log(f"wrote {path}")
-    if owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    dsm.finish_distributed(owns_group)
 
 
 # ---------------------------------------------------------------- mining and lookup
@@ -303,25 +302,6 @@ def _merge(best_val, best_idx, threshold, blocks):
 
 
 # ---------------------------------------------------------------- report helpers
-
-def _gather_rows(local, classifier):
-    """All N rows of a per-rank [end - start, ...] tensor on rank 0 (CPU), None elsewhere.
-    Point to point, one shard at a time: rank 0 never holds more than the result plus one shard."""
-    world, n = classifier.world_size, classifier.num_classes
-    if world == 1:
-        return local.cpu()
-    full = local.new_empty((n,) + tuple(local.shape[1:]), device="cpu") if dsm.is_main() else None
-    for src in range(world):
-        s0, s1 = dsm.shard_range(n, src, world)
-        if dsm.is_main():
-            piece = local if src == 0 else local.new_empty((s1 - s0,) + tuple(local.shape[1:]))
-            if src:
-                dist.recv(piece, src=src)
-            full[s0:s1] = piece.cpu()
-        elif classifier.rank == src:
-            dist.send(local.contiguous(), dst=0)
-    return full
-
 
 def _summary(values):
     """Mean and percentiles of a 1-D tensor, as plain floats."""

@@ -156,8 +156,7 @@ def main(argv=None):
         path = os.path.join(args.out, stem + ".json")
         write_json(path, result)
         log(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({described}); wrote {path}")
-    if owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    dsm.finish_distributed(owns_group)
     return result
 
 

@@ -161,8 +161,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     {"classify": classify, "detect": detect, "export": export}[args.task](args, device)
-    if owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    dsm.finish_distributed(owns_group)
 
 
 # ================================================================ --task classify

@@ -25,6 +25,7 @@ Also here: joining the torchrun process group, atomic checkpoint writes, and sav
 rows (with their SGD momentum) in a form that loads onto any number of processes.
 """
 import os
+import sys
 import tempfile
 
 import torch
@@ -58,7 +59,8 @@ def init_distributed(device="auto"):
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        print("error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
+        raise SystemExit(2)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -66,6 +68,14 @@ def init_distributed(device="auto"):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return dev
+
+
+def finish_distributed(owns_group):
+    """Leave the process group this script joined: barrier first, as gloo aborts a rank that
+    leaves while others still talk. A group the caller created (tests) is left to the caller."""
+    if owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def atomic_save(obj, path):
@@ -293,41 +303,43 @@ def _chunk_columns(local_ids, c0, c1):
 
 # ---------------------------------------------------------------- checkpoints on any GPU count
 
+def gather_shards(local, num_rows):
+    """All num_rows rows of a sharded [end - start, ...] tensor (shard_range layout) on rank 0, as a
+    CPU tensor; None on the other ranks. Every rank must call it. Shards travel to rank 0 point to
+    point, one at a time, so no process holds more than the full CPU copy plus one shard."""
+    world, rank = get_world_size(), get_rank()
+    if world == 1:
+        return local.detach().cpu().clone()
+    full = local.new_empty((num_rows,) + tuple(local.shape[1:]), device="cpu") if rank == 0 else None
+    for src in range(world):
+        s0, s1 = shard_range(num_rows, src, world)
+        if rank == 0:
+            piece = local.detach() if src == 0 else local.new_empty((s1 - s0,) + tuple(local.shape[1:]))
+            if src:
+                dist.recv(piece, src=src)
+            full[s0:s1] = piece.cpu()
+        elif rank == src:
+            dist.send(local.detach().contiguous(), dst=0)
+    return full
+
+
 def gather_classifier(classifier, optimizer=None):
     """All N rows (and their SGD momentum) on rank 0 as CPU float32; None on the other ranks.
 
-    Every rank must call it. Shards travel to rank 0 one at a time (point to point), so no
-    process ever holds more than the full CPU copy plus one shard on its device.
+    Every rank must call it. The result loads onto any number of processes (load_classifier).
     """
-    parts = {"weight": classifier.weight.detach()}
     momentum = _momentum_buffer(classifier, optimizer)
-    if momentum is not None:
-        parts["momentum"] = momentum
-    world, rank, n, dim = classifier.world_size, classifier.rank, classifier.num_classes, classifier.dim
-    if world == 1:
-        full = {key: t.float().cpu().clone() for key, t in parts.items()}
-    else:
+    if classifier.world_size > 1:
         # Whether momentum exists must agree on every rank before the transfers start.
         has = torch.tensor([int(momentum is not None)], device=classifier.weight.device)
         dist.all_reduce(has, op=dist.ReduceOp.MIN)
-        if not has.item():
-            parts.pop("momentum", None)
-        full = {key: torch.empty(n, dim) for key in parts} if rank == 0 else None
-        for key, local in parts.items():
-            for src in range(world):
-                s0, s1 = shard_range(n, src, world)
-                if rank == 0:
-                    piece = local if src == 0 else local.new_empty(s1 - s0, dim)
-                    if src:
-                        dist.recv(piece, src=src)
-                    full[key][s0:s1] = piece.float().cpu()
-                elif rank == src:
-                    dist.send(local.contiguous(), dst=0)
-    if rank != 0:
+        momentum = momentum if has.item() else None
+    n = classifier.num_classes
+    weight = gather_shards(classifier.weight.float(), n)
+    momentum = gather_shards(momentum.float(), n) if momentum is not None else None
+    if classifier.rank != 0:
         return None
-    full.setdefault("momentum", None)
-    full["num_classes"] = n
-    return full
+    return {"weight": weight, "momentum": momentum, "num_classes": n}
 
 
 def load_classifier(classifier, state, optimizer=None):

@@ -2,6 +2,7 @@
 import importlib
 import os
 import socket
+import subprocess
 import sys
 
 import torch
@@ -38,3 +39,17 @@ def _worker(rank, world_size, port, fn, args):
 def run_distributed(fn, world_size, *args):
     """Run fn(rank, world_size, *args) on world_size gloo processes; a failure in any re-raises here."""
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def run_script(script, argv, nproc=None, timeout=300):
+    """Run a stage as a user would: `python script argv` (nproc None) or `torchrun
+    --nproc_per_node=nproc script argv` (OMP_NUM_THREADS=1 as torchrun sets it). Returns the
+    finished subprocess.CompletedProcess with text stdout/stderr."""
+    path = os.path.join(ROOT, script if script.endswith(".py") else script + ".py")
+    if nproc is None:
+        command = [sys.executable, path, *argv]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", path, *argv]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
