@@ -61,8 +61,20 @@ parser.add_argument("--chunk-size", type=int, default=None,
 parser.add_argument("--print-freq", type=int, default=10, help="steps between progress lines")
 
 
+# A resumed run must continue the same optimisation; --epochs may grow, these may not change.
+RESUME_SETTINGS = ("arch", "image_size", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
+                   "temperature", "alpha", "hard_k", "seed")
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
+    if not 0 <= args.alpha < 1:
+        extract.fail(f"--alpha {args.alpha} is outside [0, 1): it is the target mass moved to the hard classes (Eq. 2)")
+    if args.temperature < 0.025:
+        extract.fail(f"--temperature {args.temperature} is below 0.025, where fp32 exp of the cosine logits "
+                     "overflows; the paper uses 0.15")
+    if args.hard_k < 1 or args.print_freq < 1:
+        extract.fail("--hard-k and --print-freq must be at least 1")
     owns_group = not dist.is_initialized()  # a caller's group is left to the caller
     device = dsm.init_distributed(args.device)
     rank, world = dsm.get_rank(), dsm.get_world_size()
@@ -130,6 +142,7 @@ def main(argv=None):
     start_epoch, global_step = 0, 0
     if os.path.isfile(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+        refuse_changed_settings(ckpt_path, ckpt["args"], vars(args), RESUME_SETTINGS)
         net.load_state_dict(ckpt["network"])
         optimizers[0].load_state_dict(ckpt["optimizer"])
         dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
@@ -234,6 +247,15 @@ def train_step(model, classifier, optimizers, images, labels, hard_classes, alph
     for opt in optimizers:
         opt.step()
     return value
+
+
+def refuse_changed_settings(path, saved, current, keys):
+    """fail() with the differing values when `path` was written with other settings than this run's."""
+    changed = [key for key in keys if saved.get(key) != current.get(key)]
+    if changed:
+        was = ", ".join(f"--{key.replace('_', '-')} {saved.get(key)}" for key in changed)
+        extract.fail(f"{path} was written with other settings ({was}); rerun with those to resume, "
+                     "or delete it to start over")
 
 
 def learning_rate(base_lr, progress, warmup_epochs, epochs):

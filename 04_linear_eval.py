@@ -499,11 +499,7 @@ def trained_protocol(args, protocol, stem, backbone, width, data, device, log):
         ckpt = None
     if ckpt is not None:
         saved = ckpt["settings"]
-        changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
-        if changed:
-            was = ", ".join(f"{k}={saved.get(k)}" for k in changed)
-            fail(f"{ckpt_path} was written with other settings ({was}); rerun with those to resume, "
-                 f"or delete it to start over")
+        pretrain.refuse_changed_settings(ckpt_path, saved, settings, sorted(set(settings) | set(saved)))
         trained.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history, first_epoch = ckpt["history"], ckpt["epoch"] + 1

@@ -210,7 +210,7 @@ def test_resuming_with_other_settings_is_refused(data, tmp_path, capsys):
         evaluation.main(argv_04(data, out, "--pretrained", "none", "--cached-features", "--epochs", "1", "--lr", "3"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "linear_eval_random_cached_checkpoint.pt was written with other settings (lr=" in err
+    assert "linear_eval_random_cached_checkpoint.pt was written with other settings (--lr " in err
     assert "delete it" in err
 
 
