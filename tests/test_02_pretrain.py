@@ -152,6 +152,17 @@ def test_a_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(ru
     assert err.count("\n") == 1 and sha256(checkpoint) == before
 
 
+def test_resuming_with_a_changed_setting_is_refused(run, capsys):
+    data, out = run
+    pretrain.main(argv_02(data, out, 1))
+    argv = argv_02(data, out, 2)
+    argv[argv.index("--lr") + 1] = "2"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "other settings (--lr 4.0)" in err and err.count("\n") == 1
+
+
 def test_data_other_than_the_run_was_made_from_is_refused(run, tmp_path, capsys):
     _, out = run
     other = extract.make_demo_dataset(str(tmp_path / "other"), num_classes=3, train_per_class=8,
@@ -189,7 +200,6 @@ def _train_with_smoothing(rank, world_size, argv):
     pretrain.main(argv)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "03_hard_classes.py")), reason="needs 03_hard_classes.py")
 def test_two_processes_train_with_hard_class_smoothing(run, capfd):
     data, out = run
     argv = argv_02(data, out, 1)
