@@ -30,6 +30,7 @@ Run 01_extract_init.py with the same --data, --out, --arch and --image-size firs
 """
 import argparse
 import contextlib
+import glob
 import importlib
 import json
 import math
@@ -140,9 +141,16 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "pretrain_log.jsonl")
     start_epoch, global_step = 0, 0
+    if dsm.is_main():  # a run killed inside atomic_save leaves its temporary file; it is never resumed from
+        for stale in glob.glob(os.path.join(args.out, ".tmp-checkpoint.pt*")):
+            os.remove(stale)
+            log(f"removed {stale}, a half-written checkpoint of a killed run")
     if os.path.isfile(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         refuse_changed_settings(ckpt_path, ckpt["args"], vars(args), RESUME_SETTINGS)
+        if ckpt["classifier"]["num_classes"] != num_classes:
+            extract.fail(f"{ckpt_path} holds {ckpt['classifier']['num_classes']} classifier rows but {args.data} has "
+                         f"{num_classes} training images: it belongs to another run; delete it or pass another --out")
         net.load_state_dict(ckpt["network"])
         optimizers[0].load_state_dict(ckpt["optimizer"])
         dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])

@@ -50,8 +50,13 @@ over to other tasks. Three tasks, one command each, all starting from RUN/backbo
                                   file; detectron2 reads it with MODEL.WEIGHTS path.pkl (the
                                   matching heuristics also map res5 onto an R50-C4 box head).
 
-Each task writes RUN/transfer_<task>_<dataset>.json (settings and results); classify and detect
-resume from RUN/transfer_<task>_<dataset>_checkpoint.pt when the same command is run again.
+--task report  prints every result found in RUN as one table, the pretrained backbone beside the
+    random-init one (04's kNN / linear probe / semi-supervised JSON and their _random twins, the
+    transfer JSON and their _scratch twins, 03's hard-class check) and writes it to RUN/report.md.
+
+Each task writes RUN/transfer_<task>_<dataset>.json (settings and results; with --init scratch
+RUN/transfer_<task>_<dataset>_scratch.json, beside it); classify and detect resume from the
+checkpoint of that name (_checkpoint.pt) when the same command is run again.
 
 Commands:
   python 05_transfer.py --task classify --data demo_data --out runs/demo --arch resnet18 --image-size 64 \\
@@ -60,6 +65,7 @@ Commands:
   python 05_transfer.py --task detect --data demo_voc --out runs/demo --arch resnet18 --image-size 64 \\
       --batch-size 4 --iters 20 --warmup-iters 5 --lr-steps 16 --min-size 96 --test-size 96 --max-size 160
   python 05_transfer.py --task export --out runs/demo --arch resnet18 --image-size 64
+  python 05_transfer.py --task report --out runs/demo                # the results table
   python 05_transfer.py --task classify --dataset cifar10 --data /datasets/cifar --out runs/in1k --image-size 224
   torchrun --nproc_per_node=8 05_transfer.py --task detect --data /datasets/voc --out runs/in1k
   torchrun --nproc_per_node=8 05_transfer.py --task classify --dataset inaturalist --data /datasets/inat \\
@@ -104,7 +110,7 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 extract.add_common_args(parser, epochs=100, batch_size=None, data_required=False)
-parser.add_argument("--task", required=True, choices=["classify", "detect", "export"])
+parser.add_argument("--task", required=True, choices=["classify", "detect", "export", "report"])
 parser.add_argument("--init", "--pretrained", metavar="PATH|scratch",
                     help="backbone to start from (default RUN/backbone.pt): RUN/backbone.pt, a 02 checkpoint.pt, a "
                          "torchvision-named ResNet state_dict; scratch (or none): random initialisation")
@@ -152,6 +158,9 @@ def main(argv=None):
         if args.dataset not in (None, "voc"):
             extract.fail(f"--task detect reads PASCAL VOC only; drop --dataset {args.dataset}")
         args.dataset = "voc"
+    if args.task == "report":
+        report(args)
+        return
     if args.task != "export" and args.data is None:
         extract.fail(f"--task {args.task} needs --data ROOT (the dataset's local folder)")
     args.init = args.init or os.path.join(args.out, "backbone.pt")
@@ -205,7 +214,7 @@ def classify(args, device):
     log("args: " + json.dumps(vars(args), sort_keys=True))
 
     # ---- resume ----
-    name = f"transfer_classify_{args.dataset}"
+    name = f"transfer_classify_{args.dataset}" + ("_scratch" if args.init == "none" else "")  # beside the pretrained one
     ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
     start_epoch, history = 0, []
     if os.path.isfile(ckpt_path):
@@ -418,7 +427,7 @@ def detect(args, device):
     log("args: " + json.dumps(vars(args), sort_keys=True))
 
     # ---- resume ----
-    name = "transfer_detect_voc"
+    name = "transfer_detect_voc" + ("_scratch" if args.init == "none" else "")
     ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
     it = 0
     if os.path.isfile(ckpt_path):
@@ -700,6 +709,75 @@ def interpolated_ap(recall, precision, metric="all-point"):
     p = np.maximum.accumulate(p[::-1])[::-1]
     steps = np.nonzero(r[1:] != r[:-1])[0]
     return float(((r[steps + 1] - r[steps]) * p[steps + 1]).sum())
+
+
+# ================================================================ --task report
+
+def report(args):
+    """Every result in RUN as one markdown table, the pretrained backbone beside the random-init one
+    (04's --pretrained none, 05's --init scratch); printed and written to RUN/report.md. Reads only
+    the JSON files the stages wrote; a protocol that was not run is left out."""
+    if not os.path.isdir(args.out):
+        extract.fail(f"{args.out} is not a folder; pass the --out of a run")
+
+    def load(name):
+        path = os.path.join(args.out, name + ".json")
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            extract.fail(f"cannot read {path} ({e}); rerun the stage that writes it")
+
+    def pct(result, key="top1"):
+        return "-" if result is None or result.get(key) is None else f"{result[key]:.1f}"
+
+    rows = []
+    knn, knn_random = load("knn"), load("knn_random")
+    for k in (knn or knn_random or {}).get("results", {}):
+        pair = [r["results"].get(k) if r else None for r in (knn, knn_random)]
+        rows.append((f"kNN top-1 (k={k})", pct(pair[0]), pct(pair[1])))
+    probe, probe_random = load("linear_eval"), load("linear_eval_random")
+    if probe or probe_random:
+        rows.append(("linear probe top-1", pct(probe), pct(probe_random)))
+        rows.append(("linear probe top-5", pct(probe, "top5"), pct(probe_random, "top5")))
+    for fraction in ("0.01", "0.1"):
+        semi, semi_random = load(f"semi_{fraction}"), load(f"semi_{fraction}_random")
+        if semi or semi_random:
+            rows.append((f"semi-supervised {float(fraction):.0%} top-1", pct(semi), pct(semi_random)))
+    for name in sorted(os.listdir(args.out)):
+        stem = name[:-len(".json")]
+        if name.startswith("transfer_classify_") and name.endswith(".json") and not stem.endswith("_scratch"):
+            pre, scratch = load(stem), load(stem + "_scratch")
+            rows.append((f"transfer classify {pre['dataset']} top-1", pct(pre), pct(scratch)))
+    detection, detection_scratch = load("transfer_detect_voc"), load("transfer_detect_voc_scratch")
+    for key in ("AP", "AP50", "AP75") if detection or detection_scratch else ():
+        rows.append((f"transfer detect voc {key}", pct(detection, key), pct(detection_scratch, key)))
+
+    # ---- the table, with what the run was ----
+    about = knn or probe or knn_random or probe_random or {}
+    lines = [f"# Results of {args.out}", ""]
+    if about:
+        lines += [f"{about['arch']} at {about['image_size']} px; {about['train_images']} train / "
+                  f"{about['val_images']} val images, {about['classes']} classes (chance top-1 "
+                  f"{100 / about['classes']:.1f}%).", ""]
+    lines += ["| result | pretrained | random init |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {a} | {b} |" for label, a, b in rows]
+    hard = load("hard_classes")
+    if hard and hard.get("same_class"):
+        same = hard["same_class"]
+        lines += ["", f"03: {100 * same['share_all_k']:.1f}% of the {hard['k']} hard classes of an instance share "
+                      f"its folder class (chance {100 * same['chance']:.1f}%), mined from {hard['source']}."]
+    if not rows:
+        lines += ["", "no results yet: run 04_linear_eval.py and 05_transfer.py with this --out first"]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    path = os.path.join(args.out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
 
 
 # ================================================================ --task export

@@ -1,0 +1,288 @@
+"""The fault sweep: what a user who gets something wrong sees, stage by stage, run as a user runs it.
+
+Expected failures print ONE line to stderr ("error: <the problem>; <the fix>"), exit with code 2 and
+show no traceback. A run killed with SIGKILL resumes without losing a finished epoch and never leaves
+a half-written checkpoint. Every stage accepts a run folder written with another process count.
+(The in-process checks of the same messages live in test_01/02/04/05; these run the scripts.)
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, free_port, run_script, stage
+
+extract = stage("01_extract_init")
+torch.set_num_threads(1)
+
+SIZE, BATCH = 16, 6  # 3 classes x 6 train / 2 val images at 16 px: 18 instances, 3 per process on 2
+STAGES = ["01_extract_init", "02_pretrain", "03_hard_classes", "04_linear_eval", "05_transfer"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("faults") / "demo")
+    return extract.make_demo_dataset(root, num_classes=3, train_per_class=6, val_per_class=2, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def prepared(data, tmp_path_factory):
+    """A run folder holding 01's init.pt for `data` (resnet18, 16 px), copied by the tests that use it."""
+    out = str(tmp_path_factory.mktemp("faults") / "run")
+    extract.main(["--data", data, "--out", out, "--arch", "resnet18", "--image-size", str(SIZE),
+                  "--batch-size", str(BATCH), "--workers", "0", "--diagnostic-samples", "6"])
+    return out
+
+
+@pytest.fixture
+def run(prepared, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(prepared, out)
+    return out
+
+
+def network(out=None, data=None, arch="resnet18"):
+    return [*(["--data", data] if data else []), *(["--out", out] if out else []),
+            "--arch", arch, "--image-size", str(SIZE), "--batch-size", str(BATCH), "--workers", "0"]
+
+
+def argv_02(data, out, epochs, *extra):
+    return [*network(out, data), "--epochs", str(epochs), "--warmup-epochs", "1", "--lr", "4", "--alpha", "0",
+            "--print-freq", "1", *extra]
+
+
+def assert_one_line_failure(done, *needles):
+    """Exit code 2, exactly one stderr line starting 'error: ' that names every needle, no traceback."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, f"exit code {done.returncode}; stderr:\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# ---------------------------------------------------------------- --help
+
+@pytest.mark.parametrize("script", STAGES)
+def test_help_of_every_stage_exits_0_and_shows_the_launch_commands(script):
+    done = run_script(script, ["--help"])
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr[-2000:]
+    assert f"python {script}.py" in done.stdout
+    assert "torchrun --nproc_per_node" in done.stdout and "--nnodes" in done.stdout
+
+
+# ---------------------------------------------------------------- missing, empty and odd data folders
+
+@pytest.mark.parametrize("script, extra", [
+    ("01_extract_init", []),
+    ("02_pretrain", ["--epochs", "1"]),
+    ("04_linear_eval", ["--knn"]),
+    ("05_transfer", ["--task", "classify", "--epochs", "1"]),
+])
+def test_a_missing_data_folder_is_one_line_naming_it(script, extra, tmp_path):
+    missing = str(tmp_path / "no_such_folder")
+    done = run_script(script, [*network(str(tmp_path / "run"), missing), *extra])
+    assert_one_line_failure(done, "no_such_folder")
+
+
+def test_an_empty_train_folder_is_one_line_naming_it(tmp_path):
+    os.makedirs(tmp_path / "empty" / "train" / "a")
+    done = run_script("01_extract_init", network(str(tmp_path / "run"), str(tmp_path / "empty")))
+    assert_one_line_failure(done, os.path.join(str(tmp_path / "empty"), "train"), "no images")
+
+
+def test_non_image_files_are_skipped(data, tmp_path):
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    for junk in ("train/000_circle/notes.txt", "train/.DS_Store", "train/001_ring/Thumbs.db", "train/README"):
+        with open(os.path.join(root, junk), "w") as f:
+            f.write("not an image")
+    out = str(tmp_path / "run")
+    done = run_script("01_extract_init", network(out, root) + ["--diagnostic-samples", "6"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    init = torch.load(os.path.join(out, "init.pt"), weights_only=True)
+    assert init["classifier"]["num_classes"] == 18  # the 18 images, none of the 4 other files
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("02_pretrain", ["--epochs", "1", "--alpha", "0", "--workers", "1"]),  # raised inside a loader worker
+    ("04_linear_eval", ["--knn", "--pretrained", "none"]),
+])
+def test_a_truncated_image_is_one_line_naming_the_file(script, extra, data, run, tmp_path):
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    bad = os.path.join(root, "train", "001_ring", "00003.png")
+    with open(bad, "r+b") as f:
+        f.truncate(60)
+    done = run_script(script, [*network(run, root), *extra])
+    assert_one_line_failure(done, bad)
+
+
+def test_a_file_with_an_image_name_that_is_not_an_image_is_one_line_naming_it(data, tmp_path):
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    bad = os.path.join(root, "train", "002_square", "notes.png")
+    with open(bad, "w") as f:
+        f.write("this is text")
+    done = run_script("01_extract_init", network(str(tmp_path / "run"), root))
+    assert_one_line_failure(done, bad)
+
+
+# ---------------------------------------------------------------- run folders and checkpoints that do not fit
+
+@pytest.mark.parametrize("script, extra", [
+    ("02_pretrain", ["--epochs", "1"]),
+    ("03_hard_classes", ["--hard-k", "2"]),
+    ("04_linear_eval", ["--knn", "--pretrained", "none"]),
+])
+def test_a_run_folder_made_from_other_data_is_one_line(script, extra, run, tmp_path):
+    other = extract.make_demo_dataset(str(tmp_path / "other"), num_classes=2, train_per_class=6,
+                                      val_per_class=2, image_size=SIZE)
+    done = run_script(script, [*network(run, other), *extra])
+    assert_one_line_failure(done, "18", other)
+
+
+def test_02_refuses_an_init_of_another_architecture(data, run):
+    done = run_script("02_pretrain", argv_02(data, run, 1, "--arch", "resnet34"))
+    assert_one_line_failure(done, "resnet18", "--arch resnet18")
+
+
+def test_02_refuses_a_checkpoint_of_another_architecture(data, run, tmp_path):
+    """A checkpoint.pt copied in from a resnet34 run over the same data: refused, not resumed."""
+    other = str(tmp_path / "other")
+    extract.main([*network(other, data, "resnet34"), "--diagnostic-samples", "6"])
+    init = torch.load(os.path.join(other, "init.pt"), weights_only=True)
+    torch.save({"network": init["network"], "classifier": init["classifier"], "optimizer": {}, "epoch": 0,
+                "step": 3, "world_size": 1, "args": init["args"]}, os.path.join(run, "checkpoint.pt"))
+    done = run_script("02_pretrain", argv_02(data, run, 2))
+    assert_one_line_failure(done, "checkpoint.pt", "resnet34")
+
+
+def test_02_refuses_a_checkpoint_with_another_class_count(data, run, tmp_path):
+    other = extract.make_demo_dataset(str(tmp_path / "other"), num_classes=2, train_per_class=6,
+                                      val_per_class=0, image_size=SIZE)
+    other_run = str(tmp_path / "other_run")
+    extract.main([*network(other_run, other), "--diagnostic-samples", "6"])
+    subprocess_ok(run_script("02_pretrain", argv_02(other, other_run, 1)))
+    shutil.copy(os.path.join(other_run, "checkpoint.pt"), os.path.join(run, "checkpoint.pt"))
+    done = run_script("02_pretrain", argv_02(data, run, 2))
+    assert_one_line_failure(done, "checkpoint.pt", "12", "18")
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("04_linear_eval", ["--knn"]),
+    ("05_transfer", ["--task", "classify", "--epochs", "1"]),
+])
+def test_a_backbone_of_another_architecture_is_one_line(script, extra, data, tmp_path):
+    torch.manual_seed(0)
+    backbone, _ = extract.build_backbone("resnet34", SIZE)
+    path = str(tmp_path / "resnet34.pt")
+    torch.save(backbone.state_dict(), path)
+    done = run_script(script, [*network(str(tmp_path / "run"), data), "--pretrained", path, *extra])
+    assert_one_line_failure(done, path, "resnet18")
+
+
+# ---------------------------------------------------------------- SIGKILL mid-epoch, then resume
+
+def test_a_run_killed_mid_epoch_resumes_from_its_last_epoch_without_half_written_files(data, run):
+    """torchrun on 2 processes, killed (SIGKILL, the whole process group) in epoch 2: checkpoint.pt
+    holds epoch 1, loads with weights_only=True, no temporary file is left, and the same command
+    resumes at epoch 2 and finishes."""
+    argv = argv_02(data, run, 4)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", os.path.join(ROOT, "02_pretrain.py"), *argv]
+    log = os.path.join(run, "pretrain_log.jsonl")
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            steps = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+            if any(r.get("epoch") == 2 and r.get("step") == 1 for r in steps):
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed mid-epoch"
+        kill_tree(process.pid)  # the workers too: torchrun starts them in sessions of their own
+    finally:
+        if process.poll() is None:
+            kill_tree(process.pid)
+        process.wait()
+    # A kill can land while checkpoint.pt is being written; then the next run removes the temp file.
+    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    assert ckpt["epoch"] in (1, 2)  # 1 unless the kill came after epoch 2's last step was saved
+    done = run_script("02_pretrain", argv, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = [line for line in done.stdout.splitlines() if line.startswith("resumed from")]
+    assert resumed and f"checkpoint.pt: {ckpt['epoch'] + 1} epoch(s) done" in resumed[0], done.stdout[-2000:]
+    assert not [p for p in os.listdir(run) if ".tmp" in p], os.listdir(run)
+    final = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    assert final["epoch"] == 3 and final["step"] == 4 * 3
+    assert os.path.isfile(os.path.join(run, "backbone.pt"))
+
+
+def test_02_removes_a_half_written_checkpoint_left_by_a_kill(data, run):
+    half = os.path.join(run, ".tmp-checkpoint.pt1a2b3c")
+    with open(half, "wb") as f:
+        f.write(b"half a checkpoint")
+    done = run_script("02_pretrain", argv_02(data, run, 1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not os.path.exists(half)
+    assert "removed" in done.stdout and ".tmp-checkpoint.pt1a2b3c" in done.stdout
+
+
+# ---------------------------------------------------------------- another process count at every stage
+
+def test_every_stage_takes_a_run_folder_written_with_another_process_count(data, tmp_path):
+    """01 on 1 process, 02 on 2 then resumed on 1, 03 on 2, 04 on 2 (equal to 1), 05 on 2."""
+    out = str(tmp_path / "run")
+    subprocess_ok(run_script("01_extract_init", [*network(out, data), "--diagnostic-samples", "6"]))
+    subprocess_ok(run_script("02_pretrain", argv_02(data, out, 1), nproc=2))
+    done = subprocess_ok(run_script("02_pretrain", argv_02(data, out, 2)))
+    assert "saved by 2 process(es), now 1" in done.stdout
+    subprocess_ok(run_script("03_hard_classes", ["--out", out, "--hard-k", "2", "--grid-rows", "1"], nproc=2))
+    knn = ["--data", data, "--out", out, "--batch-size", str(BATCH), "--workers", "0", "--knn", "--knn-k", "1,5"]
+    subprocess_ok(run_script("04_linear_eval", knn, nproc=2))
+    with open(os.path.join(out, "knn.json")) as f:
+        two = json.load(f)
+    subprocess_ok(run_script("04_linear_eval", knn))
+    with open(os.path.join(out, "knn.json")) as f:
+        one = json.load(f)
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert two["results"] == one["results"]
+    subprocess_ok(run_script("05_transfer", [*network(out, data), "--task", "classify", "--epochs", "1"], nproc=2))
+    with open(os.path.join(out, "transfer_classify_imagefolder.json")) as f:
+        assert json.load(f)["test_images"] == 6
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants at once (as a crash or a preempted job would)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in reversed(tree):
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def subprocess_ok(done):
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
