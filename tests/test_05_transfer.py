@@ -73,7 +73,7 @@ def test_fine_tuning_from_scratch_beats_chance_clearly(colours, tmp_path, capsys
     transfer.main(argv_classify(colours, out, 3, "--init", "scratch"))
     printed = capsys.readouterr().out
     assert "head lr 0.8 x 16/256 = 0.05" in printed and "backbone lr x 1" in printed
-    result = read_json(os.path.join(out, "transfer_classify_imagefolder.json"))
+    result = read_json(os.path.join(out, "transfer_classify_imagefolder_scratch.json"))
     assert result["test_images"] == 17 and result["num_classes"] == 4 and len(result["history"]) == 3
     assert result["top1"] >= 75.0  # chance is 25%
     assert result["top5"] == 100.0  # 4 classes: the top 5 always hold the label
@@ -115,12 +115,12 @@ def test_an_interrupted_fine_tuning_resumes_with_the_same_results(colours, tmp_p
         patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch_1)
         with pytest.raises(KeyboardInterrupt):
             transfer.main(argv_classify(colours, out, 2, "--init", "scratch"))
-    assert read_json(os.path.join(out, "transfer_classify_imagefolder.json"))["epochs_done"] == 1
+    assert read_json(os.path.join(out, "transfer_classify_imagefolder_scratch.json"))["epochs_done"] == 1
     transfer.main(argv_classify(colours, out, 2, "--init", "scratch"))  # the same command resumes
     strip = [{k: v for k, v in h.items() if k != "epoch_s"} for h in read_json(
-        os.path.join(out, "transfer_classify_imagefolder.json"))["history"]]
+        os.path.join(out, "transfer_classify_imagefolder_scratch.json"))["history"]]
     expected = [{k: v for k, v in h.items() if k != "epoch_s"} for h in read_json(
-        os.path.join(uninterrupted, "transfer_classify_imagefolder.json"))["history"]]
+        os.path.join(uninterrupted, "transfer_classify_imagefolder_scratch.json"))["history"]]
     assert strip == expected and len(expected) == 2
 
 
@@ -131,10 +131,10 @@ def _classify_two_processes(rank, world_size, data, out):
 def test_two_processes_evaluate_every_val_image_exactly_once(colours, tmp_path):
     out = str(tmp_path / "run")
     run_distributed(_classify_two_processes, 2, colours, out)
-    result = read_json(os.path.join(out, "transfer_classify_imagefolder.json"))
+    result = read_json(os.path.join(out, "transfer_classify_imagefolder_scratch.json"))
     assert result["test_images"] == 17  # 9 + 8
     # reference: the saved network evaluated image by image in one process, float64 counting
-    ckpt = torch.load(os.path.join(out, "transfer_classify_imagefolder_checkpoint.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(out, "transfer_classify_imagefolder_scratch_checkpoint.pt"), weights_only=True)
     backbone, width = extract.build_backbone("resnet18", SIZE)
     net = linear.Probe(backbone, width, 4, frozen=False)
     net.load_state_dict(ckpt["network"])
@@ -167,7 +167,7 @@ def test_cifar10_in_its_pickle_format_fine_tunes_and_reports(tmp_path, monkeypat
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # generated: not the md5s
     transfer.main(["--task", "classify", "--dataset", "cifar10", "--data", data, "--out", out, "--arch", "resnet18",
                    "--image-size", str(SIZE), "--epochs", "1", "--batch-size", "10", "--workers", "0", "--init", "scratch"])
-    result = read_json(os.path.join(out, "transfer_classify_cifar10.json"))
+    result = read_json(os.path.join(out, "transfer_classify_cifar10_scratch.json"))
     assert (result["train_images"], result["test_images"], result["num_classes"]) == (20, 10, 10)
     assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
 
