@@ -53,3 +53,13 @@ def run_script(script, argv, nproc=None, timeout=300):
                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", path, *argv]
     return subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def interrupt_at_epoch(stop_epoch):
+    """A DistributedSampler.set_epoch replacement that raises KeyboardInterrupt (Ctrl-C) when epoch
+    `stop_epoch` begins, i.e. right after the previous epoch's checkpoint; patch it in to interrupt."""
+    def set_epoch(sampler, epoch):
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+        sampler.epoch = epoch
+    return set_epoch

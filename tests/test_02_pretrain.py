@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from helpers import ROOT, free_port, run_distributed, stage
+from helpers import ROOT, free_port, interrupt_at_epoch, run_distributed, stage
 
 import dist_softmax
 
@@ -116,13 +116,8 @@ def test_an_interrupted_run_resumes_with_the_same_losses(run, tmp_path, monkeypa
     shutil.copytree(out, uninterrupted)
     pretrain.main(argv_02(data, uninterrupted, 2))
 
-    def interrupt_at_epoch_1(sampler, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt  # Ctrl-C right after epoch 0's checkpoint
-        sampler.epoch = epoch
-
     with monkeypatch.context() as patch:
-        patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch_1)
+        patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch(1))
         with pytest.raises(KeyboardInterrupt):
             pretrain.main(argv_02(data, out, 2))
     assert not os.path.exists(os.path.join(out, "backbone.pt"))

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from helpers import run_distributed, stage
+from helpers import interrupt_at_epoch, run_distributed, stage
 
 extract = stage("01_extract_init")
 linear = stage("04_linear_eval")
@@ -106,13 +106,8 @@ def test_an_interrupted_fine_tuning_resumes_with_the_same_results(colours, tmp_p
     out, uninterrupted = str(tmp_path / "run"), str(tmp_path / "uninterrupted")
     transfer.main(argv_classify(colours, uninterrupted, 2, "--init", "scratch"))
 
-    def interrupt_at_epoch_1(sampler, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt  # Ctrl-C right after epoch 0's checkpoint
-        sampler.epoch = epoch
-
     with monkeypatch.context() as patch:
-        patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch_1)
+        patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch(1))
         with pytest.raises(KeyboardInterrupt):
             transfer.main(argv_classify(colours, out, 2, "--init", "scratch"))
     assert read_json(os.path.join(out, "transfer_classify_imagefolder_scratch.json"))["epochs_done"] == 1
