@@ -57,8 +57,6 @@ parser.add_argument("--warmup-epochs", type=float, default=10)
 parser.add_argument("--temperature", type=float, default=0.15, help="tau of Eq. 1")
 parser.add_argument("--alpha", type=float, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
 parser.add_argument("--hard-k", type=int, default=100, help="hard classes per instance, k of Eq. 2")
-parser.add_argument("--row-lr-scale", type=float, default=1.0,
-                    help="the classifier rows' lr as a multiple of the network's (paper: 1)")
 parser.add_argument("--chunk-size", type=int, default=None,
                     help="classifier rows per logits block (bounds memory; default: all local rows)")
 parser.add_argument("--print-freq", type=int, default=10, help="steps between progress lines")
@@ -66,7 +64,7 @@ parser.add_argument("--print-freq", type=int, default=10, help="steps between pr
 
 # A resumed run must continue the same optimisation; --epochs may grow, these may not change.
 RESUME_SETTINGS = ("arch", "image_size", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
-                   "temperature", "alpha", "hard_k", "seed", "row_lr_scale")
+                   "temperature", "alpha", "hard_k", "seed")
 
 
 def main(argv=None):
@@ -186,9 +184,9 @@ def main(argv=None):
                 views, ids = next(batches)
                 meter.wait += time.perf_counter() - t0
                 lr = learning_rate(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
-                for opt, scale in zip(optimizers, (1.0, args.row_lr_scale)):
+                for opt in optimizers:
                     for group in opt.param_groups:
-                        group["lr"] = lr * scale
+                        group["lr"] = lr
                 images = views.flatten(0, 1).to(device, non_blocking=True)  # [2b, C, H, W]
                 if cuda:
                     images = images.contiguous(memory_format=torch.channels_last)
