@@ -96,7 +96,7 @@ def main(argv=None):
         fail("--data ROOT is required (a folder holding train/); or --make-demo-data DIR to create one")
     owns_group = not torch.distributed.is_initialized()  # a caller's group is left to the caller
     device = dsm.init_distributed(args.device)
-    rank, world = dsm.get_rank(), dsm.get_world_size()
+    world = dsm.get_world_size()
     log = print if dsm.is_main() else (lambda *a, **k: None)
 
     # ---- data ----
@@ -210,12 +210,13 @@ def check_data_fingerprint(run_dir, paths, data_root):
                  f"--data {data_root} lists {fingerprint['count']} different ones; pass the original --data "
                  f"or a new --out folder")
     elif dsm.is_main():
-        os.makedirs(run_dir, exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({**fingerprint, "root": os.path.abspath(data_root)}, f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, {**fingerprint, "root": os.path.abspath(data_root)})
     return fingerprint
+
+
+def write_json(path, obj):
+    """JSON written atomically (dist_softmax.atomic_save): a reader never sees half a file."""
+    dsm.atomic_save(json.dumps(obj, indent=2).encode(), path, dump=lambda data, f: f.write(data))
 
 
 class BadImageError(RuntimeError):

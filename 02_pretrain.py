@@ -165,7 +165,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         # The RNG state is a function of (--seed, epoch, rank): reseeding here makes a resumed epoch
         # draw exactly the crops of an uninterrupted one, and needs no generator in the checkpoint.
-        seed_everything(args.seed * 1000003 + epoch * 1009 + rank)
+        seed_everything(step_seed(args.seed, epoch, rank))
         sampler.set_epoch(epoch)
         table = None
         if hard is not None:
@@ -272,6 +272,12 @@ def learning_rate(base_lr, progress, warmup_epochs, epochs):
         return base_lr * progress / warmup_epochs
     t = min(1.0, (progress - warmup_epochs) / max(epochs - warmup_epochs, 1e-12))
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def step_seed(seed, position, rank):
+    """One seed per (--seed, epoch or iteration, rank): reseeding with it makes a resumed run draw
+    what an uninterrupted one draws, without storing generator states in checkpoints."""
+    return seed * 1000003 + position * 1009 + rank
 
 
 def seed_everything(seed):

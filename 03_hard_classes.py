@@ -120,9 +120,7 @@ def main(argv=None):
                   "similarity_1st": _summary(similarity[:, 0]), "similarity_kth": _summary(similarity[:, -1]),
                   "same_class": _same_class(table, labels) if len(classes) > 1 else None}
         path = os.path.join(args.out, "hard_classes.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(path + ".tmp", path)
+        extract.write_json(path, report)
         log(json.dumps(report))
 
         # ---- image grid: anchors (red frame) followed by their hardest negatives ----

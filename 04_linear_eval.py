@@ -154,7 +154,7 @@ def main(argv=None):
               "val_images": len(val_paths), "classes": len(classes), "world_size": world, **result}
     if dsm.is_main():
         path = os.path.join(args.out, stem + ".json")
-        write_json(path, result)
+        extract.write_json(path, result)
         log(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({described}); wrote {path}")
     dsm.finish_distributed(owns_group)
     return result
@@ -480,7 +480,7 @@ def trained_protocol(args, protocol, stem, backbone, width, data, device, log):
                                      data["local_batch"], args.workers, device), log)
 
         def train_epoch(epoch):
-            pretrain.seed_everything(args.seed * 1000003 + epoch * 1009 + rank)  # resumable crops
+            pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # resumable crops
             sampler.set_epoch(epoch)
             return image_epoch(model, optimizer, loader, label_table, args, epoch, device, log)
 
@@ -814,11 +814,6 @@ def to_device(images, device):
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
-def write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,6 @@ import math
 import os
 import pickle
 import random
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -232,7 +231,7 @@ def classify(args, device):
     identity = torch.arange(num_classes)  # image_epoch looks targets up by index; our loaders yield labels
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
-        pretrain.seed_everything(args.seed * 1000003 + epoch * 1009 + rank)  # a resumed epoch = an uninterrupted one
+        pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # a resumed epoch = an uninterrupted one
         sampler.set_epoch(epoch)
         loss, lr_now = linear.image_epoch(model, optimizer, loader, identity, args, epoch, device, log)
         top1, top5, count = evaluate_dataset(probe, test_set, local_batch, args.workers, device)
@@ -245,7 +244,7 @@ def classify(args, device):
             dsm.atomic_save({"network": network, "optimizer": optimizer.state_dict(), "epoch": epoch,
                              "history": history, "num_classes": num_classes, "arch": args.arch,
                              "image_size": args.image_size, "args": vars(args)}, ckpt_path)
-            linear.write_json(os.path.join(args.out, name + ".json"), {
+            extract.write_json(os.path.join(args.out, name + ".json"), {
                 "task": "classify", "dataset": args.dataset, "settings": vars(args), "init": described,
                 "num_classes": num_classes, "train_images": len(train_set), "test_images": count,
                 "head_lr": head_lr, "backbone_lr": head_lr * scale, "epochs_done": epoch + 1, "world_size": world,
@@ -447,7 +446,7 @@ def detect(args, device):
     meter = pretrain.Meter()
     while it < args.iters:
         epoch, skip = divmod(it, steps_per_epoch)
-        pretrain.seed_everything(args.seed * 1000003 + it * 1009 + rank)
+        pretrain.seed_everything(pretrain.step_seed(args.seed, it, rank))
         sampler.set_epoch(epoch)
         order = list(sampler)
         batches = [order[i:i + local_batch]
@@ -505,7 +504,7 @@ def detect(args, device):
         per_class = {VOC_CLASSES[c]: {"AP": result["per_class_AP"][c], "AP50": result["per_class_AP50"][c]}
                      for c in range(len(VOC_CLASSES))}
         path = os.path.join(args.out, name + ".json")
-        linear.write_json(path, {"task": "detect", "dataset": "voc", "settings": vars(args), "init": described,
+        extract.write_json(path, {"task": "detect", "dataset": "voc", "settings": vars(args), "init": described,
                           "train_images": len(train_set), "test_images": test_count, "iterations": it,
                           "lr": base_lr, "AP": result["AP"], "AP50": result["AP50"], "AP75": result["AP75"],
                           "ap_metric": args.ap_metric, "per_class": per_class})
@@ -774,9 +773,7 @@ def report(args):
     text = "\n".join(lines) + "\n"
     print(text, end="")
     path = os.path.join(args.out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    dsm.atomic_save(text.encode(), path, dump=lambda data, f: f.write(data))
     print(f"wrote {path}")
 
 
@@ -792,8 +789,8 @@ def export(args, device):
     dsm.atomic_save(state, tv_path)
     d2_path = os.path.join(args.out, "backbone_detectron2.pkl")
     d2 = detectron2_names(state)
-    atomic_pickle({"model": d2, "__author__": "05_transfer.py (instance classification pretraining)",
-                   "matching_heuristics": True}, d2_path)
+    dsm.atomic_save({"model": d2, "__author__": "05_transfer.py (instance classification pretraining)",
+                     "matching_heuristics": True}, d2_path, dump=lambda obj, f: pickle.dump(obj, f, protocol=4))
     small = state["conv1.weight"].shape[-1] == 3
     print(f"wrote {tv_path} ({len(state)} tensors, torchvision names) and {d2_path} ({len(d2)} arrays, "
           f"detectron2 names)")
@@ -801,7 +798,7 @@ def export(args, device):
         print("note: this backbone has the small-image 3x3 stem; detectron2's and mmdetection's default "
               "ResNets have a 7x7 stem and will refuse stem.conv1")
     path = os.path.join(args.out, "transfer_export_backbone.json")
-    linear.write_json(path, {"task": "export", "dataset": "backbone", "settings": vars(args), "init": described,
+    extract.write_json(path, {"task": "export", "dataset": "backbone", "settings": vars(args), "init": described,
                       "torchvision": tv_path, "detectron2": d2_path, "tensors": len(state),
                       "stem": "3x3 stride 1, no max-pool" if small else "7x7 stride 2 + max-pool"})
     print(f"wrote {path}")
@@ -830,14 +827,6 @@ def detectron2_names(state):
 
 
 # ================================================================ shared by the tasks
-
-def atomic_pickle(obj, path):
-    """pickle.dump to a temporary file beside `path`, then rename (detectron2 reads plain pickles)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        pickle.dump(obj, f, protocol=4)
-    os.replace(tmp, path)
-
 
 # ---------------------------------------------------------------- demo VOC data
 

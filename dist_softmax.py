@@ -78,14 +78,15 @@ def finish_distributed(owns_group):
         dist.destroy_process_group()
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+def atomic_save(obj, path, dump=torch.save):
+    """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
+    half a file. torch.save by default; pickle.dump or a bytes writer work the same way."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

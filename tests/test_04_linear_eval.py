@@ -181,10 +181,11 @@ def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path
     evaluation.main(argv_04(data, whole, *extra))
     real_save, saves = dist_softmax.atomic_save, []
 
-    def save_then_crash(obj, path):
-        real_save(obj, path)
-        saves.append(path)
-        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+    def save_then_crash(obj, path, **kwargs):
+        real_save(obj, path, **kwargs)
+        if path.endswith(".pt"):  # JSON files go through atomic_save too
+            saves.append(path)
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
     monkeypatch.setattr(dist_softmax, "atomic_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):

@@ -5,7 +5,6 @@ show no traceback. A run killed with SIGKILL resumes without losing a finished e
 a half-written checkpoint. Every stage accepts a run folder written with another process count.
 (The in-process checks of the same messages live in test_01/02/04/05; these run the scripts.)
 """
-import glob
 import json
 import os
 import shutil
