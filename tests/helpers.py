@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -25,10 +26,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args):
+def _worker(rank, world_size, store, fn, args):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file rendezvous: no port that another process could take between choosing and binding it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -38,7 +39,9 @@ def _worker(rank, world_size, port, fn, args):
 
 def run_distributed(fn, world_size, *args):
     """Run fn(rank, world_size, *args) on world_size gloo processes; a failure in any re-raises here."""
-    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    with tempfile.TemporaryDirectory() as folder:
+        store = os.path.join(folder, "rendezvous")
+        mp.spawn(_worker, args=(world_size, store, fn, args), nprocs=world_size, join=True)
 
 
 def run_script(script, argv, nproc=None, timeout=300):
