@@ -420,7 +420,7 @@ def view_cosine_gap(net, paths, args, device, batch_size=64):
 SHAPES = ("circle", "ring", "square", "diamond", "triangle", "star", "cross", "frame", "half_disc", "bars")
 
 
-def make_demo_dataset(root, num_classes=10, train_per_class=40, val_per_class=10, image_size=64, seed=0):
+def make_demo_dataset(root, num_classes=10, train_per_class=40, val_per_class=50, image_size=64, seed=0):
     """Write a deterministic image set with real class structure to root/{train,val}/<class>/*.png.
 
     The class is the shape kind (circle, ring, square, ...); with more classes than shapes it is

@@ -153,6 +153,35 @@ def test_softmax_stays_fp32_under_bf16_autocast():
     torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_cuda_matches_reference_in_fp32_and_bf16(alpha):
+    """The same module on one GPU, fp32 and under bf16 autocast, against the float64 CPU reference
+    at ImageNet-like shapes (D 128, chunked and not); hard classes are distinct, as mined ones are."""
+    g = torch.Generator().manual_seed(0)
+    num_classes, dim, batch, k = 5003, 128, 256, 10
+    features = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    weight = torch.randn(num_classes, dim, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, num_classes, (batch,), generator=g)
+    hard = torch.stack([torch.randperm(num_classes, generator=g)[:k + 1] for _ in labels])
+    hard = torch.stack([row[row != label][:k] for row, label in zip(hard, labels)])
+    ref_features, ref_weight = features.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = reference_loss(ref_features, ref_weight, labels, hard, alpha)
+    ref.backward()
+    for chunk_size in (None, 1000):
+        for bf16, tolerance in ((False, 1e-4), (True, 3e-2)):
+            classifier = DistCosineSoftmax(num_classes, dim, TAU, chunk_size).cuda()
+            with torch.no_grad():
+                classifier.weight.copy_(weight)
+            x = features.float().cuda().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                loss = classifier(x, labels.cuda(), hard.cuda(), alpha)
+            loss.backward()
+            assert abs(loss.item() - ref.item()) < tolerance
+            for ours, theirs in ((x.grad, ref_features.grad), (classifier.weight.grad, ref_weight.grad)):
+                assert ((ours.double().cpu() - theirs).norm() / theirs.norm()).item() < tolerance
+
+
 def test_temperature_below_the_safe_bound_is_refused():
     with pytest.raises(ValueError, match="temperature"):
         DistCosineSoftmax(10, 4, temperature=0.01)
