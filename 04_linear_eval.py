@@ -555,12 +555,12 @@ def image_epoch(model, optimizer, loader, label_table, args, epoch, device, log)
             with autocast(device):
                 logits = model(to_device(images, device))
             loss = F.cross_entropy(logits.float(), targets)
+            value = average_over_ranks(loss.item(), device)  # the global mean: every rank stops together
+            if not math.isfinite(value):
+                fail(f"loss is {value} at epoch {epoch} step {i}; lower --lr and rerun to resume from the last epoch")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                fail(f"loss is {value} at epoch {epoch} step {i}; lower --lr and rerun to resume from the last epoch")
             total += value
             meter.add(value)
             if (i + 1) % args.print_freq == 0 and i + 1 < steps:
@@ -570,7 +570,7 @@ def image_epoch(model, optimizer, loader, label_table, args, epoch, device, log)
                     f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
                     f"mem {record['peak_mem_gib']:.2f}G", flush=True)
                 meter = pretrain.Meter()
-    return average_over_ranks(total / max(steps, 1), device), lr
+    return total / max(steps, 1), lr
 
 
 def cached_epoch(probe, optimizer, train_x, train_y, start, num_train, args, epoch):

@@ -52,7 +52,8 @@ over to other tasks. Three tasks, one command each, all starting from RUN/backbo
 
 --task report  prints every result found in RUN as one table, the pretrained backbone beside the
     random-init one (04's kNN / linear probe / semi-supervised JSON and their _random twins, the
-    transfer JSON and their _scratch twins, 03's hard-class check) and writes it to RUN/report.md.
+    transfer JSON and their _scratch twins, 03's hard-class check), counts the rows where the
+    pretrained one is above, and writes it to RUN/report.md.
 
 Each task writes RUN/transfer_<task>_<dataset>.json (settings and results; with --init scratch
 RUN/transfer_<task>_<dataset>_scratch.json, beside it); classify and detect resume from the
@@ -464,7 +465,7 @@ def detect(args, device):
             targets = [{k: v.to(device) for k, v in t.items() if k != "difficult"} for t in targets]
             losses = model(images, targets)
             loss = sum(losses.values())
-            value = loss.item()
+            value = linear.average_over_ranks(loss.item(), device)  # the same on every rank: all stop together
             if not math.isfinite(value):
                 extract.fail(f"loss is {value} at iteration {it}; {ckpt_path} holds the last checkpoint; "
                              f"lower --lr or raise --warmup-iters and rerun to resume")
@@ -714,8 +715,9 @@ def interpolated_ap(recall, precision, metric="all-point"):
 
 def report(args):
     """Every result in RUN as one markdown table, the pretrained backbone beside the random-init one
-    (04's --pretrained none, 05's --init scratch); printed and written to RUN/report.md. Reads only
-    the JSON files the stages wrote; a protocol that was not run is left out."""
+    (04's --pretrained none, 05's --init scratch), then a count of the rows where the pretrained one
+    is above; printed and written to RUN/report.md. Reads only the JSON files the stages wrote; a
+    protocol that was not run is left out."""
     if not os.path.isdir(args.out):
         extract.fail(f"{args.out} is not a folder; pass the --out of a run")
 
@@ -763,6 +765,10 @@ def report(args):
                   f"{100 / about['classes']:.1f}%).", ""]
     lines += ["| result | pretrained | random init |", "| --- | --- | --- |"]
     lines += [f"| {label} | {a} | {b} |" for label, a, b in rows]
+    compared = [(float(a), float(b)) for _, a, b in rows if "-" not in (a, b)]
+    if compared:  # the quickstart's verdict: does pretraining beat a random network here?
+        above = sum(a > b for a, b in compared)
+        lines += ["", f"pretrained above random init on {above} of {len(compared)} results"]
     hard = load("hard_classes")
     if hard and hard.get("same_class"):
         same = hard["same_class"]

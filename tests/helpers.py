@@ -2,6 +2,7 @@
 import importlib
 import os
 import socket
+import datetime
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,9 @@ def free_port():
 def _worker(rank, world_size, store, fn, args):
     torch.set_num_threads(1)
     # A file rendezvous: no port that another process could take between choosing and binding it.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    # A collective waiting over 5 minutes raises instead of hanging the suite (a rank that left early).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=5))
     try:
         fn(rank, world_size, *args)
     finally:

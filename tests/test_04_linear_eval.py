@@ -175,6 +175,28 @@ def test_image_probe_runs_with_ddp_on_two_processes(data, tmp_path):
     assert read_json(out, "linear_eval.json")["history"][0]["val_images"] == 9
 
 
+def _nan_on_rank_1(rank, world_size):
+    """Rank 1's only batch holds a NaN; both ranks must stop with exit code 2 at step 0 (if only rank 1
+    stopped, rank 0 would wait forever in the next step's gradient all-reduce)."""
+    import argparse
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for group in optimizer.param_groups:
+        group["base_lr"] = 0.1
+    images = torch.randn(2, 3, 2, 2)
+    if rank == 1:
+        images[0, 0, 0, 0] = float("nan")
+    loader = [(images, torch.tensor([0, 1]))]
+    args = argparse.Namespace(epochs=1, print_freq=10, batch_size=4)
+    with pytest.raises(SystemExit) as stopped:
+        evaluation.image_epoch(model, optimizer, loader, torch.arange(3), args, 0, torch.device("cpu"), print)
+    assert stopped.value.code == 2
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank():
+    run_distributed(_nan_on_rank_1, 2)
+
+
 def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch, capsys):
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
     extra = ("--pretrained", "none", "--cached-features", "--standardize", "--epochs", "3", "--lr", "2")

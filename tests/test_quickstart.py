@@ -66,3 +66,11 @@ def test_the_report_has_a_number_beside_each_pretrained_and_random_result(quicks
     for line in lines:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert len(cells) == 3 and all(re.fullmatch(r"\d+\.\d", cell) for cell in cells[1:]), line
+
+
+def test_the_verdict_line_counts_the_rows_where_pretrained_is_above_random(quickstart):
+    _, printed, _ = quickstart
+    pairs = [[float(cell) for cell in line.strip("|").split("|")[1:]]
+             for line in printed.splitlines() if re.match(r"\| .* \| \d+\.\d \| \d+\.\d \|$", line)]
+    above = sum(pretrained > random_init for pretrained, random_init in pairs)
+    assert f"pretrained above random init on {above} of {len(pairs)} results" in printed, printed
