@@ -1,8 +1,8 @@
 """Shared test utilities: import a numbered stage, and run a function on W gloo processes."""
+import datetime
 import importlib
 import os
 import socket
-import datetime
 import subprocess
 import sys
 import tempfile
