@@ -177,43 +177,39 @@ def main(argv=None):
         model.train()
         meter = Meter()
         epoch_loss, epoch_start = 0.0, time.perf_counter()
-        batches = iter(loader)
-        with extract.bad_images_fail():
-            for i in range(steps):
-                t0 = time.perf_counter()
-                views, ids = next(batches)
-                meter.wait += time.perf_counter() - t0
-                lr = learning_rate(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                images = views.flatten(0, 1).to(device, non_blocking=True)  # [2b, C, H, W]
-                if cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                ids = ids.to(device, non_blocking=True)
-                labels = ids.repeat_interleave(2)  # both views of instance i have class i
-                hard_classes = None
-                if table is not None:
-                    hard_classes = hard.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
-                loss = train_step(model, classifier, optimizers, images, labels, hard_classes, args.alpha, amp)
-                if not math.isfinite(loss):
-                    kept = (f"{ckpt_path} holds the last good epoch" if os.path.isfile(ckpt_path)
-                            else "no checkpoint was written yet")
-                    extract.fail(f"loss is {loss} at epoch {epoch} step {i}; stopped, {kept}; lower --lr or "
-                                 "raise --warmup-epochs and rerun the command to resume")
-                global_step += 1
-                epoch_loss += loss
-                meter.add(loss)
-                if (i + 1) % args.print_freq == 0 or i + 1 == steps:
-                    total_steps_left -= meter.steps
-                    record = meter.report(epoch, i + 1, steps, global_step, lr, 2 * args.batch_size,
-                                          args.batch_size, total_steps_left, device)
-                    if dsm.is_main():
-                        print(f"epoch {epoch} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
-                              f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
-                              f"eta {format_seconds(record['eta_s'])} mem {record['peak_mem_gib']:.2f}G", flush=True)
-                        write_log(log_path, record)
-                    meter = Meter()
+        for i, ((views, ids), wait) in enumerate(timed_batches(loader)):
+            meter.wait += wait
+            lr = learning_rate(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            images = views.flatten(0, 1).to(device, non_blocking=True)  # [2b, C, H, W]
+            if cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            ids = ids.to(device, non_blocking=True)
+            labels = ids.repeat_interleave(2)  # both views of instance i have class i
+            hard_classes = None
+            if table is not None:
+                hard_classes = hard.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
+            loss = train_step(model, classifier, optimizers, images, labels, hard_classes, args.alpha, amp)
+            if not math.isfinite(loss):
+                kept = (f"{ckpt_path} holds the last good epoch" if os.path.isfile(ckpt_path)
+                        else "no checkpoint was written yet")
+                extract.fail(f"loss is {loss} at epoch {epoch} step {i}; stopped, {kept}; lower --lr or "
+                             "raise --warmup-epochs and rerun the command to resume")
+            global_step += 1
+            epoch_loss += loss
+            meter.add(loss)
+            if (i + 1) % args.print_freq == 0 or i + 1 == steps:
+                total_steps_left -= meter.steps
+                record = meter.report(epoch, i + 1, steps, global_step, lr, 2 * args.batch_size,
+                                      args.batch_size, total_steps_left, device)
+                if dsm.is_main():
+                    print(f"epoch {epoch} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
+                          f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
+                          f"eta {format_seconds(record['eta_s'])} mem {record['peak_mem_gib']:.2f}G", flush=True)
+                    write_log(log_path, record)
+                meter = Meter()
 
         # ---- end of epoch: checkpoint (every rank takes part in gathering the rows) ----
         state = dsm.gather_classifier(classifier, optimizers[1])
@@ -255,6 +251,19 @@ def train_step(model, classifier, optimizers, images, labels, hard_classes, alph
     for opt in optimizers:
         opt.step()
     return value
+
+
+def timed_batches(loader):
+    """One epoch of (batch, seconds spent waiting for it), for the data-wait share of the progress
+    lines; a bad image, also in a loader worker, stops with 01's one-line error."""
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        with extract.bad_images_fail():
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - t0
 
 
 def refuse_changed_settings(path, saved, current, keys):

@@ -544,32 +544,28 @@ def image_epoch(model, optimizer, loader, label_table, args, epoch, device, log)
     model.train()
     steps = len(loader)
     meter, total, lr = pretrain.Meter(), 0.0, 0.0
-    batches = iter(loader)
-    with extract.bad_images_fail():
-        for i in range(steps):
-            t0 = time.perf_counter()
-            images, index = next(batches)
-            meter.wait += time.perf_counter() - t0
-            lr = set_lr(optimizer, epoch + (i + 0.5) / steps, args.epochs)
-            targets = label_table[index].to(device, non_blocking=True)
-            with autocast(device):
-                logits = model(to_device(images, device))
-            loss = F.cross_entropy(logits.float(), targets)
-            value = average_over_ranks(loss.item(), device)  # the global mean: every rank stops together
-            if not math.isfinite(value):
-                fail(f"loss is {value} at epoch {epoch} step {i}; lower --lr and rerun to resume from the last epoch")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += value
-            meter.add(value)
-            if (i + 1) % args.print_freq == 0 and i + 1 < steps:
-                record = meter.report(epoch, i + 1, steps, i + 1, lr, args.batch_size, args.batch_size,
-                                      steps - i - 1, device)
-                log(f"epoch {epoch + 1} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
-                    f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
-                    f"mem {record['peak_mem_gib']:.2f}G", flush=True)
-                meter = pretrain.Meter()
+    for i, ((images, index), wait) in enumerate(pretrain.timed_batches(loader)):
+        meter.wait += wait
+        lr = set_lr(optimizer, epoch + (i + 0.5) / steps, args.epochs)
+        targets = label_table[index].to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(to_device(images, device))
+        loss = F.cross_entropy(logits.float(), targets)
+        value = average_over_ranks(loss.item(), device)  # the global mean: every rank stops together
+        if not math.isfinite(value):
+            fail(f"loss is {value} at epoch {epoch} step {i}; lower --lr and rerun to resume from the last epoch")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += value
+        meter.add(value)
+        if (i + 1) % args.print_freq == 0 and i + 1 < steps:
+            record = meter.report(epoch, i + 1, steps, i + 1, lr, args.batch_size, args.batch_size,
+                                  steps - i - 1, device)
+            log(f"epoch {epoch + 1} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
+                f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
+                f"mem {record['peak_mem_gib']:.2f}G", flush=True)
+            meter = pretrain.Meter()
     return total / max(steps, 1), lr
 
 

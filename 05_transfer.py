@@ -455,9 +455,8 @@ def detect(args, device):
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=args.workers,
                                              collate_fn=collate_detection, pin_memory=cuda)
         model.train()
-        t0 = time.perf_counter()
-        for images, targets in loader:
-            meter.wait += time.perf_counter() - t0
+        for (images, targets), wait in pretrain.timed_batches(loader):
+            meter.wait += wait
             lr = detection_lr(base_lr, it, args.warmup_iters, args.lr_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -487,7 +486,6 @@ def detect(args, device):
                                  "optimizer": optimizer.state_dict(), "iteration": it, "args": vars(args)}, ckpt_path)
             if it == args.iters:
                 break
-            t0 = time.perf_counter()
 
     # ---- evaluation on the test split (each process a contiguous shard), AP on rank 0 ----
     t0 = time.perf_counter()
