@@ -10,8 +10,11 @@ The prior is extracted from the centre crop (eval_transform), not from a trainin
 one deterministic view per instance, the one every augmented view of it is centred on, so the rows
 do not depend on the luck of one random crop and can be reproduced exactly.
 
-Each process embeds exactly the instances whose rows it owns (dist_softmax.shard_range), so no
-features are gathered; the rows are assembled on rank 0 only to be written. Output, loadable with
+The pass draws its batches from a seeded permutation of all N instances (prior_batches): BN in
+training mode subtracts what a batch shares, so a batch must be a random sample of the data, not a
+run of one class folder. Process r embeds batches r, r + W, ... and one all_to_all sends every row
+to the process that owns it (dist_softmax.send_rows_to_owners); the rows are assembled on rank 0
+only to be written. The rows depend on the per-process batch, not on the process count. Output, loadable with
 torch.load(..., weights_only=True) on any number of processes:
   RUN/init.pt    {"network": state_dict after the pass, "classifier": {"weight": [N, 128],
                   "momentum": None, "num_classes": N}, "args": {...}, "fingerprint": {...}}
@@ -108,6 +111,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     fingerprint = check_data_fingerprint(args.out, paths, args.data)
     local_batch = resolve_rank_batch(args.batch_size, world)
+    if args.init == "raw" and -(-n // local_batch) < world:
+        fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
+             f"{n} images; use --batch-size {world * (n // world)} or less")
+    if args.init == "raw" and args.bn == "running" and local_batch < 2:
+        fail(f"--batch-size {args.batch_size} gives each process batches of 1, which BN in training mode "
+             f"cannot normalise; use --batch-size {2 * world} or more")
     log(f"01_extract_init: {n} instances, {len(classes)} folder classes, {world} process(es) on {device}, "
         f"batch {args.batch_size} ({local_batch} per process), init {args.init}, BN {args.bn}")
     log("args: " + json.dumps(vars(args), sort_keys=True))
@@ -121,24 +130,19 @@ def main(argv=None):
     classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
     start, end = classifier.start, classifier.end
 
-    # ---- the pass: each rank embeds its own rows [start, end) ----
+    # ---- the pass: shuffled batches, each row sent to the rank that owns it ----
     t0 = time.perf_counter()
     if args.init == "raw":
         net.train(args.bn == "running")
-        rows = embed_rows(net, paths[start:end], eval_transform(args.image_size), local_batch,
-                          args.workers, device)
-        if args.bn == "running" and world > 1:
-            average_bn_statistics(net)  # one network state for the run, whatever the process count
+        if args.bn == "running":
+            track_bn_averages(net)  # the saved statistics: the average over the whole pass
+        ids, embeddings = zip(*prior_pass(net, paths, eval_transform(args.image_size), local_batch,
+                                          args.workers, device, args.seed))
+        rows = dsm.send_rows_to_owners(torch.cat(ids), torch.cat(embeddings), n)
+        if args.bn == "running":
+            merge_bn_averages(net)  # one network state for the run, whatever the process count
     else:
-        # Figure 4's "random init." arm: Gaussian rows, no pass over the data. Rows come in blocks of
-        # 4096 drawn from a generator seeded by (--seed, block), so they do not depend on the process count.
-        blocks = []
-        for block in range(start // 4096, (end - 1) // 4096 + 1):
-            generator = torch.Generator().manual_seed(args.seed * 1000003 + block)
-            rows_of_block = torch.randn(4096, args.dim, generator=generator)
-            lo, hi = max(start, block * 4096), min(end, (block + 1) * 4096)
-            blocks.append(rows_of_block[lo - block * 4096:hi - block * 4096])
-        rows = torch.cat(blocks).to(device)
+        rows = gaussian_rows(start, end, args.dim, args.seed).to(device)
     # Unit rows: the cosine logits ignore a row's length, but its SGD step scales with 1/|w|^2,
     # so every arm starts at the same scale whatever the raw embeddings' norm.
     with torch.no_grad():
@@ -336,17 +340,27 @@ class EmbeddingNet(nn.Module):
 
 # ---------------------------------------------------------------- the pass and its diagnostics
 
-@torch.no_grad()
-def embed_rows(net, paths, transform, batch_size, workers, device):
-    """Embeddings [len(paths), D] in file order. In training mode (running BNs) every batch is
-    normalised with its own statistics, so the batches are fixed: consecutive files, and a last
+def prior_batches(num_instances, batch_size, seed):
+    """The batches of the prior pass: a seeded permutation of all instances cut into batches of
+    batch_size, the same for any process count. Mixed batches matter: BN in training mode subtracts
+    what a batch shares, and a batch of one folder class would lose that class's signal. A last
     batch of one (which BN cannot normalise) joins the one before."""
-    batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+    order = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed))
+    batches = list(order.split(batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] += batches.pop()
+        tail = batches.pop()
+        batches[-1] = torch.cat([batches[-1], tail])
+    return batches
+
+
+@torch.no_grad()
+def prior_pass(net, paths, transform, batch_size, workers, device, seed):
+    """Yield (instance ids, embeddings) batch by batch for this process's share of prior_batches:
+    batches r, r + W, r + 2W, ... on rank r. The network runs in the mode it is in."""
+    rank, world = dsm.get_rank(), dsm.get_world_size()
+    batches = [b.tolist() for b in prior_batches(len(paths), batch_size, seed)[rank::world]]
     loader = torch.utils.data.DataLoader(ImageList(paths, transform), batch_sampler=batches,
                                          num_workers=workers, pin_memory=device.type == "cuda")
-    rows = torch.empty(len(paths), net.head[-1].out_features, device=device)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())
     with bad_images_fail():
@@ -355,17 +369,47 @@ def embed_rows(net, paths, transform, batch_size, workers, device):
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             with amp:
-                rows[index.to(device)] = net(images).float()
-    return rows
+                yield index.to(device), net(images).float()
 
 
-def average_bn_statistics(net):
-    """Average the BN running statistics over the ranks (each saw only its own shard)."""
-    for module in net.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            for buffer in (module.running_mean, module.running_var):
-                torch.distributed.all_reduce(buffer)
-                buffer /= dsm.get_world_size()
+def batch_norms(net):
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def track_bn_averages(net):
+    """Reset every BN's running statistics and make them the plain average over the batches to come
+    (momentum None), instead of an exponential average of the last few."""
+    for bn in batch_norms(net):
+        bn.reset_running_stats()
+        bn.momentum = None
+
+
+def merge_bn_averages(net):
+    """After track_bn_averages and a pass: the average over every rank's batches, weighted by each
+    rank's batch count, so the statistics do not depend on the process count; momentum back to 0.1."""
+    for bn in batch_norms(net):
+        if dsm.get_world_size() > 1:
+            count = bn.num_batches_tracked.to(bn.running_mean)
+            totals = torch.cat([bn.running_mean * count, bn.running_var * count, count.view(1)])
+            torch.distributed.all_reduce(totals)
+            width = len(bn.running_mean)
+            bn.running_mean.copy_(totals[:width] / totals[-1].clamp_min(1))
+            bn.running_var.copy_(totals[width:2 * width] / totals[-1].clamp_min(1))
+            bn.num_batches_tracked.fill_(int(totals[-1]))
+        bn.momentum = 0.1
+
+
+def gaussian_rows(start, end, dim, seed):
+    """Rows [start, end) of Figure 4's "random init." arm: Gaussian rows, no pass over the data. They
+    come in blocks of 4096 drawn from a generator seeded by (seed, block), so they do not depend on
+    the process count."""
+    blocks = []
+    for block in range(start // 4096, (end - 1) // 4096 + 1):
+        generator = torch.Generator().manual_seed(seed * 1000003 + block)
+        rows_of_block = torch.randn(4096, dim, generator=generator)
+        lo, hi = max(start, block * 4096), min(end, (block + 1) * 4096)
+        blocks.append(rows_of_block[lo - block * 4096:hi - block * 4096])
+    return torch.cat(blocks)
 
 
 @torch.no_grad()

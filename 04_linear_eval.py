@@ -133,6 +133,8 @@ def main(argv=None):
     backbone = backbone.to(device)
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
+    if source == "none":
+        estimate_bn_statistics(backbone, paths, args, device, log)
     stem = {"linear": "linear_eval", "knn": "knn"}.get(protocol) or f"semi_{args.label_fraction:g}"
     stem += "_random" if source == "none" else ""  # side by side with the pretrained result
     log(f"04_linear_eval: {protocol}{' (cached features)' if args.cached_features else ''} of {described}; "
@@ -341,6 +343,27 @@ def load_pretrained_backbone(source, arch, image_size, seed=0):
              f"pass the matching --arch/--image-size or a torchvision-named ResNet state_dict")
     backbone.load_state_dict(state)
     return backbone, width, os.path.abspath(source)
+
+
+BN_SAMPLE, BN_BATCH = 10000, 256  # the random baseline's BN statistics: images, and images per batch
+
+
+def estimate_bn_statistics(backbone, paths, args, device, log):
+    """Give the random-init baseline BN statistics of the training images, as a trained backbone
+    has: the average over shuffled batches of BN_BATCH (01's prior pass, BN in training mode; a
+    fixed batch, so any process count gives the same statistics) of the centre crops of up to
+    BN_SAMPLE training images drawn with --seed. Without this its BN would normalise with the
+    untouched 0 / 1, and the comparison with a trained backbone would not be fair."""
+    sample = torch.randperm(len(paths), generator=torch.Generator().manual_seed(args.seed))[:BN_SAMPLE]
+    extract.track_bn_averages(backbone)
+    backbone.train()
+    for _ in extract.prior_pass(backbone, [paths[i] for i in sample], extract.eval_transform(args.image_size),
+                                BN_BATCH, args.workers, device, args.seed):
+        pass
+    extract.merge_bn_averages(backbone)
+    backbone.eval()
+    log(f"random-init baseline: BN statistics estimated on {len(sample)} training images "
+        f"(centre crops, shuffled batches of {min(BN_BATCH, len(sample))})")
 
 
 @torch.no_grad()

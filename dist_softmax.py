@@ -324,6 +324,39 @@ def gather_shards(local, num_rows):
     return full
 
 
+def owner_of(ids, num_rows, world_size):
+    """The rank whose shard_range shard holds each id (a tensor of ids)."""
+    base, extra = divmod(num_rows, world_size)
+    split = extra * (base + 1)  # ids below this sit in the shards of size base + 1
+    return torch.where(ids < split, ids // (base + 1), extra + (ids - split) // max(base, 1))
+
+
+def send_rows_to_owners(ids, rows, num_rows):
+    """This rank's shard [end - start, ...] of a num_rows-row table whose rows were computed on any
+    ranks in any order: each rank passes the (ids, rows) it holds, every id held by exactly one rank,
+    and one all_to_all sends each row to the rank that owns its id. No rank holds all num_rows rows."""
+    world = get_world_size()
+    start, end = shard_range(num_rows, get_rank(), world)
+    shard = rows.new_empty((end - start,) + tuple(rows.shape[1:]))
+    if world > 1:
+        owners = owner_of(ids, num_rows, world)
+        order = owners.argsort(stable=True)
+        ids, rows = ids[order], rows[order].contiguous()
+        send_counts = torch.bincount(owners, minlength=world)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts)  # how many rows each rank will send here
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        received_ids = ids.new_empty(sum(recv))
+        received_rows = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
+        dist.all_to_all_single(received_ids, ids, recv, send)
+        dist.all_to_all_single(received_rows, rows, recv, send)
+        ids, rows = received_ids, received_rows
+    if len(ids) != end - start:
+        raise RuntimeError(f"{len(ids)} rows reached a shard of {end - start}: every id must be sent exactly once")
+    shard[ids - start] = rows
+    return shard
+
+
 def gather_classifier(classifier, optimizer=None):
     """All N rows (and their SGD momentum) on rank 0 as CPU float32; None on the other ranks.
 

@@ -33,18 +33,33 @@ def run_01(data, out, *extra):
     return torch.load(os.path.join(out, "init.pt"), weights_only=True)
 
 
-def reference_rows(network_state, paths, batch, bn_train):
-    """Unit embeddings in float64 of `paths`, embedded in consecutive batches of `batch`."""
+def reference_rows(network_state, paths, batches, bn_train):
+    """Unit embeddings in float64 of `paths` (in id order), each batch of ids embedded together."""
     net = extract.EmbeddingNet("resnet18", SIZE).double()
     net.load_state_dict(network_state)
     net.train(bn_train)
     dataset = extract.ImageList(paths, extract.eval_transform(SIZE))
-    rows = []
+    rows = torch.empty(len(paths), 128, dtype=torch.float64)
     with torch.no_grad():
-        for i in range(0, len(paths), batch):
-            images = torch.stack([dataset[j][0] for j in range(i, min(i + batch, len(paths)))])
-            rows.append(F.normalize(net(images.double()), dim=1))
-    return torch.cat(rows)
+        for batch in batches:
+            batch = [int(i) for i in batch]
+            images = torch.stack([dataset[i][0] for i in batch])
+            rows[batch] = F.normalize(net(images.double()), dim=1)
+    return rows
+
+
+def colour_classes(root, classes=4, per_class=8):
+    """ImageFolder data whose classes differ only by their mean colour (plus per-image noise): what
+    BN in training mode removes from a batch that holds one class."""
+    colours = torch.tensor([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40]], dtype=torch.float)
+    generator = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, "train", f"c{c}"))
+        for i in range(per_class):
+            pixels = colours[c][:, None, None] + 5 * torch.randn(3, SIZE, SIZE, generator=generator)
+            image = pixels.clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            Image.fromarray(image).save(os.path.join(root, "train", f"c{c}", f"{i}.png"))
+    return root
 
 
 # ---------------------------------------------------------------- errors and data conventions
@@ -155,19 +170,61 @@ def test_transforms_give_the_requested_size_and_train_views_differ():
 
 # ---------------------------------------------------------------- the pass
 
-def test_running_bn_rows_equal_the_frozen_network_embeddings(data, tmp_path, capsys):
+def test_running_bn_rows_are_the_frozen_network_embeddings_of_shuffled_batches(data, tmp_path, capsys):
     init = run_01(data, str(tmp_path / "run"))
     paths, labels, _ = extract.list_images(os.path.join(data, "train"))
     rows = init["classifier"]["weight"]
     assert rows.shape == (len(paths), 128) and init["classifier"]["num_classes"] == len(paths)
     assert init["classifier"]["momentum"] is None
     # Training-mode BN normalises each batch with its own statistics: same batches, same rows.
-    expected = reference_rows(init["network"], paths, BATCH, bn_train=True)
+    batches = extract.prior_batches(len(paths), BATCH, seed=0)
+    expected = reference_rows(init["network"], paths, batches, bn_train=True)
     torch.testing.assert_close(rows.double(), expected, atol=1e-5, rtol=1e-4)
     # The pass moved the BN running statistics (and nothing else).
     assert init["network"]["backbone.bn1.running_mean"].abs().sum() > 0
     out = capsys.readouterr().out
     assert "same-class top-1 retrieval" in out and "(chance 22.6%)" in out and "gap" in out
+
+
+def test_prior_batches_are_a_seeded_permutation_without_a_batch_of_one():
+    for n in range(2, 30):
+        for batch in range(2, 9):
+            batches = extract.prior_batches(n, batch, seed=5)
+            assert sorted(torch.cat(batches).tolist()) == list(range(n))
+            assert all(2 <= len(b) <= batch + 1 for b in batches)
+    again = extract.prior_batches(29, 6, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(again, extract.prior_batches(29, 6, seed=5)))
+    assert not torch.equal(torch.cat(again), torch.arange(29))  # shuffled, not in file order
+
+
+@pytest.mark.parametrize("images, batch", [(7, 6), (19, 6), (13, 4), (12, 4)])
+def test_every_row_is_computed_the_same_way_twice_whatever_the_remainder(tmp_path, images, batch):
+    """7 / 6 and 19 / 6 leave a last batch of one: it joins the batch before, and no row is skipped."""
+    root = str(tmp_path / "data")
+    for i in range(images):
+        os.makedirs(os.path.join(root, "train", "a"), exist_ok=True)
+        pixels = torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(i))
+        Image.fromarray((255 * pixels).byte().numpy()).save(os.path.join(root, "train", "a", f"{i:02d}.png"))
+    argv = ["--batch-size", str(batch)]
+    first = run_01(root, str(tmp_path / "one"), *argv)
+    second = run_01(root, str(tmp_path / "two"), *argv)
+    assert torch.equal(first["classifier"]["weight"], second["classifier"]["weight"])
+    paths, _, _ = extract.list_images(os.path.join(root, "train"))
+    expected = reference_rows(first["network"], paths, extract.prior_batches(images, batch, 0), bn_train=True)
+    torch.testing.assert_close(first["classifier"]["weight"].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_prior_keeps_a_class_signal_that_class_sorted_batches_would_remove(tmp_path):
+    root = colour_classes(str(tmp_path / "colours"))
+    paths, labels, _ = extract.list_images(os.path.join(root, "train"))
+    init = run_01(root, str(tmp_path / "run"))
+    hits, chance, _ = extract.retrieval_top1(init["classifier"]["weight"], labels, len(paths), 0, torch.device("cpu"))
+    assert hits > 0.5 > chance
+    # The same network on batches of one class each (files in folder order) loses the colour.
+    in_file_order = torch.arange(len(paths)).split(BATCH)
+    sorted_rows = reference_rows(init["network"], paths, in_file_order, bn_train=True)
+    sorted_hits, _, _ = extract.retrieval_top1(sorted_rows.float(), labels, len(paths), 0, torch.device("cpu"))
+    assert sorted_hits < chance
 
 
 def test_fixed_bn_rows_equal_eval_mode_embeddings_of_the_untouched_network(data, tmp_path):
@@ -176,7 +233,7 @@ def test_fixed_bn_rows_equal_eval_mode_embeddings_of_the_untouched_network(data,
     fresh = extract.EmbeddingNet("resnet18", SIZE).state_dict()
     assert all(torch.equal(fresh[key], value) for key, value in init["network"].items())
     paths, _, _ = extract.list_images(os.path.join(data, "train"))
-    expected = reference_rows(init["network"], paths, len(paths), bn_train=False)
+    expected = reference_rows(init["network"], paths, [range(len(paths))], bn_train=False)
     torch.testing.assert_close(init["classifier"]["weight"].double(), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -187,21 +244,25 @@ def test_random_init_writes_unit_gaussian_rows_without_a_pass(data, tmp_path):
     assert init["network"]["backbone.bn1.running_mean"].abs().sum() == 0  # no pass, statistics untouched
 
 
-def _run_01_distributed(rank, world_size, data, out):
-    extract.main(argv_01(data, out))
+def _run_01_distributed(rank, world_size, data, out, batch):
+    extract.main(argv_01(data, out, "--batch-size", str(batch)))
 
 
-def test_two_processes_each_embed_exactly_their_own_rows(data, tmp_path):
-    out = str(tmp_path / "run")
-    run_distributed(_run_01_distributed, 2, data, out)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_several_processes_share_the_batches_and_each_row_reaches_its_owner(data, tmp_path, world_size):
+    """Each process embeds its share of the shuffled batches (of --batch-size / W) and sends every row
+    to the process that owns it; the rows equal those of one process with batches of the same size."""
+    out, single = str(tmp_path / "run"), str(tmp_path / "single")
+    run_distributed(_run_01_distributed, world_size, data, out, 4 * world_size)
     init = torch.load(os.path.join(out, "init.pt"), weights_only=True)
+    one = run_01(data, single, "--batch-size", "4")
     paths, _, _ = extract.list_images(os.path.join(data, "train"))
-    rows = init["classifier"]["weight"]
-    for rank in range(2):
-        start, end = dist_softmax.shard_range(len(paths), rank, 2)
-        # each rank embeds its rows in batches of BATCH / 2 with its own BN statistics
-        expected = reference_rows(init["network"], paths[start:end], BATCH // 2, bn_train=True)
-        torch.testing.assert_close(rows[start:end].double(), expected, atol=1e-5, rtol=1e-4)
+    expected = reference_rows(init["network"], paths, extract.prior_batches(len(paths), 4, 0), bn_train=True)
+    torch.testing.assert_close(init["classifier"]["weight"].double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(init["classifier"]["weight"], one["classifier"]["weight"], atol=1e-5, rtol=1e-4)
+    # The saved BN statistics are the average over all batches, whatever the process count.
+    for key in ("backbone.bn1.running_mean", "backbone.layer4.1.bn2.running_var"):
+        torch.testing.assert_close(init["network"][key], one["network"][key], atol=1e-5, rtol=1e-4)
 
 
 def test_help_shows_single_process_torchrun_and_multi_node_commands():

@@ -125,6 +125,26 @@ def test_random_baseline_writes_its_own_files_beside_the_pretrained_results(data
     assert os.path.isfile(os.path.join(out, "linear_eval_random_cached_checkpoint.pt"))
 
 
+def test_the_random_baseline_gets_bn_statistics_of_the_training_images(data, tmp_path, capsys):
+    torch.manual_seed(0)
+    backbone, _ = extract.build_backbone("resnet18", SIZE)
+    paths, _, _ = extract.list_images(os.path.join(data, "train"))
+    args = type("Args", (), {"image_size": SIZE, "workers": 0, "seed": 0})
+    evaluation.estimate_bn_statistics(backbone, paths, args, torch.device("cpu"), print)
+    assert not backbone.training
+    # 18 images are one batch: the first BN holds the mean and unbiased variance of conv1's outputs.
+    images = torch.stack([extract.ImageList(paths, extract.eval_transform(SIZE))[i][0] for i in range(len(paths))])
+    with torch.no_grad():
+        conv = backbone.conv1(images).double()
+    torch.testing.assert_close(backbone.bn1.running_mean.double(), conv.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(backbone.bn1.running_var.double(), conv.transpose(0, 1).flatten(1).var(1),
+                               atol=1e-5, rtol=1e-4)
+    assert "BN statistics estimated on 18 training images" in capsys.readouterr().out
+    # 04 --pretrained none does it before the protocol and says so.
+    evaluation.main(argv_04(data, str(tmp_path / "run"), "--pretrained", "none", "--knn"))
+    assert "random-init baseline: BN statistics estimated" in capsys.readouterr().out
+
+
 def _cached_probe_on_two_processes(rank, world_size, data, out):
     evaluation.main(argv_04(data, out, "--pretrained", "none", "--cached-features", "--standardize"))
 

@@ -99,6 +99,33 @@ def test_shard_range_is_contiguous_and_balanced():
             assert max(sizes) - min(sizes) <= 1
 
 
+def test_owner_of_inverts_shard_range():
+    for n, world_size in ((7, 3), (23, 4), (64, 64), (1_281_167, 64), (10, 1)):
+        owners = dist_softmax.owner_of(torch.arange(n), n, world_size)
+        expected = torch.cat([torch.full((e - s,), r) for r in range(world_size)
+                              for s, e in [shard_range(n, r, world_size)]])
+        assert torch.equal(owners, expected)
+
+
+def send_rows_and_compare(rank, world_size):
+    """Every rank holds an uneven, shuffled share of a 23-row table; each gets back its own shard."""
+    table = torch.randn(NUM_CLASSES, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    order = torch.randperm(NUM_CLASSES, generator=torch.Generator().manual_seed(2))
+    cuts = [0, 3, 12, NUM_CLASSES][:world_size] + [NUM_CLASSES]  # rank 0 holds 3 rows, rank 1 nine, ...
+    mine = order[cuts[rank]:cuts[rank + 1]]
+    shard = dist_softmax.send_rows_to_owners(mine, table[mine], NUM_CLASSES)
+    start, end = shard_range(NUM_CLASSES, rank, world_size)
+    assert torch.equal(shard, table[start:end])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rows_sent_to_owners_form_each_ranks_shard(world_size):
+    if world_size == 1:
+        send_rows_and_compare(0, 1)
+    else:
+        run_distributed(send_rows_and_compare, world_size)
+
+
 def test_matches_reference_without_process_group():
     assert not dist.is_initialized()
     check_against_reference(rank=0, world_size=1)
