@@ -178,6 +178,21 @@ def fail(message):
     raise SystemExit(2)
 
 
+def load_run_file(path, needs=(), fix="rerun the stage that writes it"):
+    """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
+    `needs`: anything unreadable, truncated or of another shape stops with one line naming the file
+    and `fix`, not a traceback."""
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every way of being unreadable gets the same answer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        fail(f"cannot read {path} ({reason}); {fix}")
+    missing = [key for key in needs if not isinstance(obj, dict) or key not in obj]
+    if missing:
+        fail(f"{path} is not a file this stage reads (no {', '.join(missing)}); {fix}")
+    return obj
+
+
 def list_images(folder):
     """(paths, labels, classes) for every image below `folder`, recursively, sorted by relative path.
 
@@ -228,7 +243,8 @@ class BadImageError(RuntimeError):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """paths -> (transform(image), index). Index = position in `paths` (the instance id)."""
+    """paths -> (transform(image), instance id = position in `paths`), or (transform(image), class
+    label) when `labels` are given: the one data convention of every stage."""
 
     def __init__(self, paths, transform, labels=None):
         self.paths, self.transform, self.labels = paths, transform, labels
@@ -243,7 +259,7 @@ class ImageList(torch.utils.data.Dataset):
                 image = image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:
             raise BadImageError(f"cannot read image {path} ({e}); remove or replace that file") from None
-        return self.transform(image), index
+        return self.transform(image), index if self.labels is None else self.labels[index]
 
 
 @contextlib.contextmanager
@@ -297,6 +313,18 @@ def resolve_rank_batch(global_batch, world_size):
 
 
 # ---------------------------------------------------------------- networks
+
+def autocast(device):
+    """bf16 autocast on CUDA (the matrix products of every stage), nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def to_device(images, device):
+    """A batch of images on `device`, channels_last on CUDA (faster convolutions under autocast)."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
 
 def build_backbone(arch, image_size):
     """(torchvision ResNet with fc = Identity, feature width). Key names stay torchvision's.
@@ -361,15 +389,10 @@ def prior_pass(net, paths, transform, batch_size, workers, device, seed):
     batches = [b.tolist() for b in prior_batches(len(paths), batch_size, seed)[rank::world]]
     loader = torch.utils.data.DataLoader(ImageList(paths, transform), batch_sampler=batches,
                                          num_workers=workers, pin_memory=device.type == "cuda")
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-           else contextlib.nullcontext())
     with bad_images_fail():
         for images, index in loader:
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with amp:
-                yield index.to(device), net(images).float()
+            with autocast(device):
+                yield index.to(device), net(to_device(images, device)).float()
 
 
 def batch_norms(net):

@@ -15,10 +15,18 @@ Writes to RUN (--out):
   checkpoint.pt       every epoch, atomically: network, classifier rows + momentum, optimiser,
                       epoch, step; loads on any process count. A rerun of the same command
                       resumes from it automatically (also with another process count).
-  pretrain_log.jsonl  one JSON line per progress line and per epoch
+  pretrain_log.jsonl  one JSON line per progress line and per epoch; the epoch line also holds
+                      the mean row norm |w| and the mean angle a row turns when its instance is
+                      in the batch (the rows' speed, which depends on N), and the kNN curve
   backbone.pt         at the end: the backbone state_dict under torchvision's key names
                       (loads into torchvision.models.<arch>() with only fc.* missing; at
                       <= 64 px into one with the same small stem, see 01's build_backbone)
+
+The kNN curve: when ROOT/val exists, every --knn-every epochs and after the last, the weighted
+kNN top-1 (k = 20) of the current backbone on val, with a fixed sample of at most 10,000
+training images as the memory bank (04's protocol, sharded over the processes). By default the
+interval keeps its cost under 5% of the training time: an epoch costs about 6 N image passes
+(two views, forward and backward), a kNN round bank + val forward passes.
 
 Commands:
   python 02_pretrain.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 \\
@@ -29,7 +37,6 @@ Commands:
 Run 01_extract_init.py with the same --data, --out, --arch and --image-size first.
 """
 import argparse
-import contextlib
 import glob
 import importlib
 import json
@@ -42,14 +49,16 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import dist_softmax as dsm
 
-extract = importlib.import_module("01_extract_init")
+extract_init = importlib.import_module("01_extract_init")
+fail = extract_init.fail
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-extract.add_common_args(parser, epochs=200, batch_size=4096)
+extract_init.add_common_args(parser, epochs=200, batch_size=4096)
 parser.add_argument("--lr", type=float, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
 parser.add_argument("--momentum", type=float, default=0.9)
 parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -60,172 +69,88 @@ parser.add_argument("--hard-k", type=int, default=100, help="hard classes per in
 parser.add_argument("--chunk-size", type=int, default=None,
                     help="classifier rows per logits block (bounds memory; default: all local rows)")
 parser.add_argument("--print-freq", type=int, default=10, help="steps between progress lines")
-
+parser.add_argument("--knn-every", type=int, default=None, metavar="E",
+                    help="kNN top-1 on ROOT/val every E epochs and after the last (default: the interval that "
+                         "keeps its cost under 5%% of training; 0: never)")
 
 # A resumed run must continue the same optimisation; --epochs may grow, these may not change.
 RESUME_SETTINGS = ("arch", "image_size", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
                    "temperature", "alpha", "hard_k", "seed")
+KNN_BANK = 10000  # training images in the kNN curve's memory bank (and validation images scored)
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if not 0 <= args.alpha < 1:
-        extract.fail(f"--alpha {args.alpha} is outside [0, 1): it is the target mass moved to the hard classes (Eq. 2)")
-    if args.temperature < 0.025:
-        extract.fail(f"--temperature {args.temperature} is below 0.025, where fp32 exp of the cosine logits "
-                     "overflows; the paper uses 0.15")
-    if args.hard_k < 1 or args.print_freq < 1:
-        extract.fail("--hard-k and --print-freq must be at least 1")
+    check_arguments(args)
     owns_group = not dist.is_initialized()  # a caller's group is left to the caller
     device = dsm.init_distributed(args.device)
-    rank, world = dsm.get_rank(), dsm.get_world_size()
+    world = dsm.get_world_size()
     log = print if dsm.is_main() else (lambda *a, **k: None)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # ---- data ----
-    paths, _, _ = extract.list_images(os.path.join(args.data, "train"))
-    num_classes = len(paths)
-    extract.check_data_fingerprint(args.out, paths, args.data)
-    init_path = os.path.join(args.out, "init.pt")
-    if not os.path.isfile(init_path):
-        extract.fail(f"{init_path} not found; run 01_extract_init.py --data {args.data} --out {args.out} first")
-    init = torch.load(init_path, map_location="cpu", mmap=True, weights_only=True)
-    made = init["args"]
-    if (made["arch"], made["image_size"]) != (args.arch, args.image_size):
-        extract.fail(f"{init_path} was made for {made['arch']} at {made['image_size']} px; "
-                     f"pass --arch {made['arch']} --image-size {made['image_size']}")
-    local_batch = extract.resolve_rank_batch(args.batch_size, world)
-    if num_classes // world < local_batch:
-        extract.fail(f"--batch-size {args.batch_size} exceeds the {num_classes} training images "
-                     f"({num_classes // world} per process); use a smaller --batch-size")
-    dataset = extract.ImageList(paths, extract.TwoViews(extract.train_transform(args.image_size)))
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    # No persistent workers: each epoch's workers are seeded from that epoch's reseeded RNG.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=cuda, drop_last=True)
-    steps = len(loader)
+    # ---- data: instance i is image i of the sorted training list; two views each ----
+    paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
+    fingerprint = extract_init.check_data_fingerprint(args.out, paths, args.data)
+    settings = {"stage": "02_pretrain", "data": fingerprint["sha256"], **{k: getattr(args, k) for k in RESUME_SETTINGS}}
+    init = load_init(args)
+    local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
+    loader, sampler = training_loader(paths, args, local_batch, device)
 
-    # ---- networks: backbone + head in DDP, the classifier rows outside it ----
-    net = extract.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made.get("head", "mlp")).to(device)
+    # ---- networks: backbone + head in DDP (step 1), the sharded classifier outside it (steps 2-7) ----
+    made = init["args"]
+    net = extract_init.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made.get("head", "mlp"))
     net.load_state_dict(init["network"])
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(net, device_ids=[device] if cuda else None) if world > 1 else net
-    classifier = dsm.DistCosineSoftmax(num_classes, made["dim"], args.temperature, args.chunk_size).to(device)
+    net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+    classifier = dsm.DistCosineSoftmax(len(paths), made["dim"], args.temperature, args.chunk_size).to(device)
     dsm.load_classifier(classifier, init["classifier"])
     del init
 
-    # ---- optimisers: one for the network, one for this rank's rows (saved independently of W) ----
+    # ---- optimisers (step 8): one for the network, one for this rank's rows ----
     base_lr = args.lr * args.batch_size / 4096
     sgd = dict(lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizers = [torch.optim.SGD(net.parameters(), **sgd), torch.optim.SGD(classifier.parameters(), **sgd)]
-    log(f"02_pretrain: {num_classes} instances, {world} process(es) on {device}, batch {args.batch_size} "
-        f"instances = {2 * args.batch_size} views ({local_batch} instances per process), {steps} steps/epoch, "
+    log(f"02_pretrain: {len(paths)} instances, {world} process(es) on {device}, batch {args.batch_size} "
+        f"instances = {2 * args.batch_size} views ({local_batch} instances per process), {len(loader)} steps/epoch, "
         f"lr {args.lr} x {args.batch_size}/4096 = {base_lr:.6g}")
     log("args: " + json.dumps(vars(args), sort_keys=True))
     if args.warmup_epochs >= args.epochs:
         log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the lr never reaches {base_lr:.6g}")
-
-    # ---- hard classes (Eq. 2-3) ----
-    hard, k = None, 0
-    if args.alpha > 0:
-        hard = importlib.import_module("03_hard_classes")
-        k = min(args.hard_k, num_classes - 1)
-        if k < args.hard_k:
-            log(f"note: --hard-k {args.hard_k} clamped to {k} (N - 1 other classes exist)")
+    hard_classes, k = hard_class_miner(args, len(paths), log)
+    knn = KnnCurve(args, paths, labels, classes, device, log)
 
     # ---- resume ----
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    log_path = os.path.join(args.out, "pretrain_log.jsonl")
-    start_epoch, global_step = 0, 0
-    if dsm.is_main():  # a run killed inside atomic_save leaves its temporary file; it is never resumed from
-        for stale in glob.glob(os.path.join(args.out, ".tmp-checkpoint.pt*")):
-            os.remove(stale)
-            log(f"removed {stale}, a half-written checkpoint of a killed run")
-    if os.path.isfile(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
-        refuse_changed_settings(ckpt_path, ckpt["args"], vars(args), RESUME_SETTINGS)
-        if ckpt["classifier"]["num_classes"] != num_classes:
-            extract.fail(f"{ckpt_path} holds {ckpt['classifier']['num_classes']} classifier rows but {args.data} has "
-                         f"{num_classes} training images: it belongs to another run; delete it or pass another --out")
-        net.load_state_dict(ckpt["network"])
-        optimizers[0].load_state_dict(ckpt["optimizer"])
-        dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
-        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["step"]
-        log(f"resumed from {ckpt_path}: {start_epoch} epoch(s) done, step {global_step} "
-            f"(saved by {ckpt['world_size']} process(es), now {world})")
-        del ckpt
+    start_epoch, global_step = resume(args, settings, net, classifier, optimizers, log)
+    train_seconds = 0.0
 
-    # ---- training loop ----
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    total_steps_left = (args.epochs - start_epoch) * steps
+    # ---- the training loop ----
     for epoch in range(start_epoch, args.epochs):
         # The RNG state is a function of (--seed, epoch, rank): reseeding here makes a resumed epoch
         # draw exactly the crops of an uninterrupted one, and needs no generator in the checkpoint.
-        seed_everything(step_seed(args.seed, epoch, rank))
+        seed_everything(step_seed(args.seed, epoch, dsm.get_rank()))
         sampler.set_epoch(epoch)
         table = None
-        if hard is not None:
-            # Refreshed at the start of every epoch from the current rows; epoch 0 mines the
-            # raw-feature rows of the prior (01), so smoothing is on from the first step.
+        if hard_classes is not None:
+            # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's rows).
             t0 = time.perf_counter()
-            table = hard.mine_hard_classes(classifier, k)
+            table = hard_classes.mine_hard_classes(classifier, k)
             log(f"epoch {epoch}: {k} hard classes per instance mined in {time.perf_counter() - t0:.1f} s")
-        model.train()
-        meter = Meter()
-        epoch_loss, epoch_start = 0.0, time.perf_counter()
-        for i, ((views, ids), wait) in enumerate(timed_batches(loader)):
-            meter.wait += wait
-            lr = learning_rate(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = lr
-            images = views.flatten(0, 1).to(device, non_blocking=True)  # [2b, C, H, W]
-            if cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
-            ids = ids.to(device, non_blocking=True)
-            labels = ids.repeat_interleave(2)  # both views of instance i have class i
-            hard_classes = None
-            if table is not None:
-                hard_classes = hard.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
-            loss = train_step(model, classifier, optimizers, images, labels, hard_classes, args.alpha, amp)
-            if not math.isfinite(loss):
-                kept = (f"{ckpt_path} holds the last good epoch" if os.path.isfile(ckpt_path)
-                        else "no checkpoint was written yet")
-                extract.fail(f"loss is {loss} at epoch {epoch} step {i}; stopped, {kept}; lower --lr or "
-                             "raise --warmup-epochs and rerun the command to resume")
-            global_step += 1
-            epoch_loss += loss
-            meter.add(loss)
-            if (i + 1) % args.print_freq == 0 or i + 1 == steps:
-                total_steps_left -= meter.steps
-                record = meter.report(epoch, i + 1, steps, global_step, lr, 2 * args.batch_size,
-                                      args.batch_size, total_steps_left, device)
-                if dsm.is_main():
-                    print(f"epoch {epoch} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
-                          f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
-                          f"eta {format_seconds(record['eta_s'])} mem {record['peak_mem_gib']:.2f}G", flush=True)
-                    write_log(log_path, record)
-                meter = Meter()
-
-        # ---- end of epoch: checkpoint (every rank takes part in gathering the rows) ----
-        state = dsm.gather_classifier(classifier, optimizers[1])
-        seconds = time.perf_counter() - epoch_start
+        record = train_one_epoch(model, classifier, optimizers, loader, table, hard_classes, args, epoch,
+                                 base_lr, global_step, device)
+        global_step, train_seconds = record["global_step"], train_seconds + record["epoch_s"]
+        if knn.due(epoch):
+            record["knn_top1"] = knn.measure(net.backbone, epoch)
+        save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step)
         if dsm.is_main():
-            network = {key: value.detach().cpu() for key, value in net.state_dict().items()}
-            dsm.atomic_save({"network": network, "classifier": state, "optimizer": optimizers[0].state_dict(),
-                             "epoch": epoch, "step": global_step, "world_size": world,
-                             "rng": {"seed": args.seed, "scheme": "reseeded every epoch from (seed, epoch, rank)"},
-                             "args": vars(args)}, ckpt_path)
-            write_log(log_path, {"epoch": epoch, "epoch_loss": epoch_loss / steps, "epoch_s": round(seconds, 3),
-                                 "global_step": global_step})
-            log(f"epoch {epoch} done in {seconds:.1f} s, mean loss {epoch_loss / steps:.4f}, wrote {ckpt_path}")
-        del state
+            write_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
+            log(f"epoch {epoch} done in {record['epoch_s']:.1f} s, mean loss {record['epoch_loss']:.4f}, "
+                f"rows |w| {record['row_norm']:.4f} turning {record['row_turn_deg']:.3f} deg per visit"
+                + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else "")
+                + f"; wrote {os.path.join(args.out, 'checkpoint.pt')}")
 
     # ---- the pretrained backbone, under torchvision's key names ----
+    knn.summary(train_seconds)
     if dsm.is_main():
         backbone_path = os.path.join(args.out, "backbone.pt")
         dsm.atomic_save({key: value.detach().cpu() for key, value in net.backbone.state_dict().items()},
@@ -234,12 +159,145 @@ def main(argv=None):
     dsm.finish_distributed(owns_group)
 
 
-# ---------------------------------------------------------------- helpers of this stage
+# ---------------------------------------------------------------- setup
 
-def train_step(model, classifier, optimizers, images, labels, hard_classes, alpha, amp):
+def check_arguments(args):
+    if not 0 <= args.alpha < 1:
+        fail(f"--alpha {args.alpha} is outside [0, 1): it is the target mass moved to the hard classes (Eq. 2)")
+    if args.temperature < 0.025:
+        fail(f"--temperature {args.temperature} is below 0.025, where fp32 exp of the cosine logits "
+             "overflows; the paper uses 0.15")
+    if args.hard_k < 1 or args.print_freq < 1:
+        fail("--hard-k and --print-freq must be at least 1")
+
+
+def load_init(args):
+    """RUN/init.pt of 01 (network + rows), checked against this run's --arch and --image-size."""
+    init_path = os.path.join(args.out, "init.pt")
+    if not os.path.isfile(init_path):
+        fail(f"{init_path} not found; run 01_extract_init.py --data {args.data} --out {args.out} first")
+    init = torch.load(init_path, map_location="cpu", mmap=True, weights_only=True)
+    made = init["args"]
+    if (made["arch"], made["image_size"]) != (args.arch, args.image_size):
+        fail(f"{init_path} was made for {made['arch']} at {made['image_size']} px; "
+             f"pass --arch {made['arch']} --image-size {made['image_size']}")
+    return init
+
+
+def training_loader(paths, args, local_batch, device):
+    """(loader, sampler): two augmented views of each of this rank's instances, a new order every
+    epoch (set_epoch). No persistent workers: each epoch's workers are seeded from that epoch's
+    reseeded RNG."""
+    world, rank = dsm.get_world_size(), dsm.get_rank()
+    if len(paths) // world < local_batch:
+        fail(f"--batch-size {args.batch_size} exceeds the {len(paths)} training images "
+             f"({len(paths) // world} per process); use a smaller --batch-size")
+    dataset = extract_init.ImageList(paths, extract_init.TwoViews(extract_init.train_transform(args.image_size)))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    return loader, sampler
+
+
+def hard_class_miner(args, num_classes, log):
+    """(03_hard_classes module, k) when smoothing is on (--alpha > 0), else (None, 0)."""
+    if args.alpha == 0:
+        return None, 0
+    k = min(args.hard_k, num_classes - 1)
+    if k < args.hard_k:
+        log(f"note: --hard-k {args.hard_k} clamped to {k} (N - 1 other classes exist)")
+    return importlib.import_module("03_hard_classes"), k
+
+
+def resume(args, settings, net, classifier, optimizers, log):
+    """Load RUN/checkpoint.pt when it exists (resume_from: written with the same settings); returns
+    (first epoch to train, global step)."""
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if dsm.is_main():  # a run killed inside atomic_save leaves its temporary file; it is never resumed from
+        for stale in glob.glob(os.path.join(args.out, ".tmp-checkpoint.pt*")):
+            os.remove(stale)
+            log(f"removed {stale}, a half-written checkpoint of a killed run")
+    ckpt = resume_from(ckpt_path, settings)
+    if ckpt is None:
+        return 0, 0
+    net.load_state_dict(ckpt["network"])
+    optimizers[0].load_state_dict(ckpt["optimizer"])
+    dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
+    log(f"resumed from {ckpt_path}: {ckpt['epoch'] + 1} epoch(s) done, step {ckpt['step']} "
+        f"(saved by {ckpt['world_size']} process(es), now {dsm.get_world_size()})")
+    return ckpt["epoch"] + 1, ckpt["step"]
+
+
+def save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step):
+    """RUN/checkpoint.pt, atomically; every rank takes part in gathering the rows."""
+    state = dsm.gather_classifier(classifier, optimizers[1])
+    if dsm.is_main():
+        network = {key: value.detach().cpu() for key, value in net.state_dict().items()}
+        dsm.atomic_save({"network": network, "classifier": state, "optimizer": optimizers[0].state_dict(),
+                         "epoch": epoch, "step": global_step, "world_size": dsm.get_world_size(),
+                         "rng": {"seed": args.seed, "scheme": "reseeded every epoch from (seed, epoch, rank)"},
+                         "settings": settings, "args": vars(args)}, os.path.join(args.out, "checkpoint.pt"))
+
+
+# ---------------------------------------------------------------- one epoch (steps 1-8)
+
+def train_one_epoch(model, classifier, optimizers, loader, table, hard_classes, args, epoch, base_lr,
+                    global_step, device):
+    """One pass over the data: per step the lr of the schedule, the two views of each local instance
+    (label = its instance id, Eq. 2's hard classes from `table`), train_step. Returns the epoch's
+    record: mean loss, the rows' mean norm and turn per visit, time and the global step reached."""
+    model.train()
+    steps, start = len(loader), time.perf_counter()
+    meter, total_loss, turn = Meter(), 0.0, torch.zeros(2, dtype=torch.float64, device=device)
+    for i, ((views, ids), wait) in enumerate(timed_batches(loader)):
+        meter.wait += wait
+        lr = learning_rate(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        images = extract_init.to_device(views.flatten(0, 1), device)  # [2b, C, H, W]
+        ids = ids.to(device, non_blocking=True)
+        labels = ids.repeat_interleave(2)  # both views of instance i have class i
+        hard = None
+        if table is not None:
+            hard = hard_classes.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
+        visited = classifier.local_rows(dsm.all_gather_rows(ids))  # this batch's rows that live here
+        before = classifier.weight.detach()[visited]
+        loss = train_step(model, classifier, optimizers, images, labels, hard, args.alpha, device)
+        if not math.isfinite(loss):
+            ckpt_path = os.path.join(args.out, "checkpoint.pt")
+            kept = f"{ckpt_path} holds the last good epoch" if os.path.isfile(ckpt_path) else "no checkpoint was written yet"
+            fail(f"loss is {loss} at epoch {epoch} step {i}; stopped, {kept}; lower --lr or "
+                 "raise --warmup-epochs and rerun the command to resume")
+        turn += torch.stack([row_turn_degrees(before, classifier.weight.detach()[visited]).sum(),
+                             torch.tensor(float(len(visited)), device=device)]).double()
+        global_step += 1
+        total_loss += loss
+        meter.add(loss)
+        if (i + 1) % args.print_freq == 0 or i + 1 == steps:
+            steps_left = (args.epochs - epoch) * steps - i - 1
+            record = meter.report(epoch, i + 1, steps, global_step, lr, 2 * args.batch_size,
+                                  args.batch_size, steps_left, device)
+            if dsm.is_main():
+                print(f"epoch {epoch} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
+                      f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
+                      f"eta {format_seconds(record['eta_s'])} mem {record['peak_mem_gib']:.2f}G", flush=True)
+                write_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
+            meter = Meter()
+    row_norm = classifier.weight.detach().norm(dim=1).sum().double().view(1)
+    if classifier.world_size > 1:
+        dist.all_reduce(turn)
+        dist.all_reduce(row_norm)
+    return {"epoch": epoch, "epoch_loss": total_loss / steps, "epoch_s": round(time.perf_counter() - start, 3),
+            "global_step": global_step, "row_norm": row_norm.item() / classifier.num_classes,
+            "row_turn_deg": (turn[0] / turn[1].clamp_min(1)).item()}
+
+
+def train_step(model, classifier, optimizers, images, labels, hard_classes, alpha, device):
     """One step (steps 1-8): embed the local views, the sharded softmax loss (Eq. 1 or 3),
     backward, SGD on network and rows. Returns the loss; a non-finite one skips the update."""
-    with amp:  # bf16 products on CUDA; the classifier keeps its softmax in fp32 (dist_softmax)
+    with extract_init.autocast(device):  # bf16 products on CUDA; the softmax stays fp32 (dist_softmax)
         features = model(images)
         loss = classifier(features, labels, hard_classes, alpha)
     value = loss.item()  # the same on every rank: the classifier all-reduces it
@@ -253,26 +311,11 @@ def train_step(model, classifier, optimizers, images, labels, hard_classes, alph
     return value
 
 
-def timed_batches(loader):
-    """One epoch of (batch, seconds spent waiting for it), for the data-wait share of the progress
-    lines; a bad image, also in a loader worker, stops with 01's one-line error."""
-    batches = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        with extract.bad_images_fail():
-            batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch, time.perf_counter() - t0
-
-
-def refuse_changed_settings(path, saved, current, keys):
-    """fail() with the differing values when `path` was written with other settings than this run's."""
-    changed = [key for key in keys if saved.get(key) != current.get(key)]
-    if changed:
-        was = ", ".join(f"--{key.replace('_', '-')} {saved.get(key)}" for key in changed)
-        extract.fail(f"{path} was written with other settings ({was}); rerun with those to resume, "
-                     "or delete it to start over")
+def row_turn_degrees(before, after):
+    """The angle in degrees between each row before and after a step (2 atan2(|a - b|, |a + b|) of
+    the unit rows: accurate for the small angles of slow rows, where acos is not)."""
+    a, b = F.normalize(before.float(), dim=1), F.normalize(after.float(), dim=1)
+    return torch.rad2deg(2 * torch.atan2((a - b).norm(dim=1), (a + b).norm(dim=1)))
 
 
 def learning_rate(base_lr, progress, warmup_epochs, epochs):
@@ -281,6 +324,204 @@ def learning_rate(base_lr, progress, warmup_epochs, epochs):
         return base_lr * progress / warmup_epochs
     t = min(1.0, (progress - warmup_epochs) / max(epochs - warmup_epochs, 1e-12))
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------- the kNN curve
+
+class KnnCurve:
+    """Weighted kNN top-1 (k = 20) of the backbone on ROOT/val during training (see the docstring).
+    The bank and the scored val images are fixed samples of at most KNN_BANK, drawn with --seed."""
+
+    def __init__(self, args, paths, labels, classes, device, log):
+        self.args, self.device, self.log, self.seconds = args, device, log, 0.0
+        has_val = any(name.lower().endswith(extract_init.IMAGE_EXTENSIONS)
+                      for _, _, files in os.walk(os.path.join(args.data, "val")) for name in files)
+        if args.knn_every and not has_val:
+            fail(f"--knn-every {args.knn_every} needs {os.path.join(args.data, 'val')}; add it or pass --knn-every 0")
+        self.every = 0 if args.knn_every == 0 or not has_val else None
+        if self.every == 0:
+            return
+        val_paths, val_labels = list_val_images(args.data, classes)
+        self.bank, self.val = ([[p[i] for i in keep], [y[i] for i in keep]]
+                               for p, y in ((paths, labels), (val_paths, val_labels))
+                               for keep in [fixed_sample(len(p), KNN_BANK, args.seed)])
+        self.num_classes = len(classes)
+        cost = (len(self.bank[0]) + len(self.val[0])) / (6 * len(paths))  # of one epoch's image passes
+        self.every = args.knn_every or max(1, math.ceil(cost / 0.05))
+        log(f"kNN curve: every {self.every} epoch(s) and after the last, {len(self.bank[0])} training images as "
+            f"the bank, {len(self.val[0])} val images (about {100 * cost / self.every:.1f}% of the training time)")
+
+    def due(self, epoch):
+        return self.every != 0 and ((epoch + 1) % self.every == 0 or epoch + 1 == self.args.epochs)
+
+    def measure(self, backbone, epoch):
+        t0 = time.perf_counter()
+        batch = self.args.batch_size // dsm.get_world_size()
+        bank_x, bank_y = embed_shard(backbone, *self.bank, self.args, batch, self.device)
+        val_x, val_y = embed_shard(backbone, *self.val, self.args, batch, self.device)
+        val_x = dsm.all_gather_shards(val_x, len(self.val[0]))
+        val_y = dsm.all_gather_shards(val_y, len(self.val[0]))
+        top1 = knn_accuracy(bank_x, bank_y, val_x, val_y, self.num_classes, [20])[20][0]
+        self.seconds += time.perf_counter() - t0
+        self.log(f"epoch {epoch}: kNN top-1 (k=20) {top1:.2f} on {len(val_y)} val images")
+        return top1
+
+    def summary(self, train_seconds):
+        if self.seconds:
+            self.log(f"kNN curve: {self.seconds:.1f} s in all, {100 * self.seconds / max(train_seconds, 1e-9):.1f}% "
+                     f"of the {train_seconds:.1f} s of training")
+
+
+def list_val_images(data_root, classes):
+    """(paths, labels) of ROOT/val with labels indexing `classes` (train's order).
+
+    Two layouts: ImageFolder (val/<class>/..., class folders named as in train/, any subset of them)
+    or tiny-ImageNet's val/images/*.JPEG + val/val_annotations.txt ("file<TAB>class<TAB>box...").
+    """
+    val_dir = os.path.join(data_root, "val")
+    index = {c: i for i, c in enumerate(classes)}
+    annotations = os.path.join(val_dir, "val_annotations.txt")
+    if os.path.isfile(annotations):
+        pairs = []
+        with open(annotations) as f:
+            for number, line in enumerate(f, 1):
+                fields = line.strip().split("\t")
+                if not fields[0]:
+                    continue
+                if len(fields) < 2:
+                    fail(f"{annotations} line {number} has no class column; expected 'file<TAB>class<TAB>...'")
+                pairs.append((fields[0], fields[1]))
+        paths, labels = [], []
+        for name, cls in sorted(pairs):
+            if cls not in index:
+                fail(f"{annotations} labels {name} as class {cls}, which train/ does not have; "
+                     f"use the train/ that belongs to this val/")
+            path = os.path.join(val_dir, "images", name)
+            if not os.path.isfile(path):
+                fail(f"{path} is listed in {annotations} but missing; restore val/images/")
+            paths.append(path)
+            labels.append(index[cls])
+        if not paths:
+            fail(f"{annotations} lists no images")
+        return paths, labels
+    if not os.path.isdir(val_dir):
+        fail(f"{val_dir} not found; the evaluation needs ROOT/val/ (ImageFolder, or tiny-ImageNet's "
+             f"images/ + val_annotations.txt)")
+    paths, folder_labels, folders = extract_init.list_images(val_dir)
+    unknown = [c for c in folders if c not in index]
+    if unknown:
+        fail(f"{val_dir} has class folder(s) {unknown[:3]} that train/ lacks; name val/ folders as in train/")
+    return paths, [index[folders[label]] for label in folder_labels]
+
+
+def fixed_sample(count, limit, seed):
+    """Sorted indices of at most `limit` of `count` items, drawn with `seed` (all of them if count <= limit)."""
+    if count <= limit:
+        return list(range(count))
+    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
+@torch.no_grad()
+def embed_features(backbone, paths, image_size, batch_size, workers, device):
+    """Pooled backbone features [len(paths), width] (float32, on `device`) of the centre crops,
+    BN in eval mode, in the order of `paths`."""
+    was_training = backbone.training
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(extract_init.ImageList(paths, extract_init.eval_transform(image_size)),
+                                         batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    features = []
+    with extract_init.bad_images_fail():
+        for images, _ in loader:
+            with extract_init.autocast(device):
+                features.append(backbone(extract_init.to_device(images, device)).float())
+    backbone.train(was_training)
+    return torch.cat(features) if features else torch.empty(0, backbone.inplanes, device=device)
+
+
+def embed_shard(backbone, paths, labels, args, batch_size, device):
+    """This rank's contiguous shard (dist_softmax.shard_range) of L2-normalised features and labels."""
+    start, end = dsm.shard_range(len(paths), dsm.get_rank(), dsm.get_world_size())
+    x = embed_features(backbone, paths[start:end], args.image_size, max(1, batch_size), args.workers, device)
+    return F.normalize(x, dim=1), torch.tensor(labels[start:end], device=device)
+
+
+@torch.no_grad()
+def knn_class_scores(bank_x, bank_y, queries, num_classes, ks, temperature=0.07, chunk_size=4096):
+    """Weighted-kNN class scores {k: [Q, num_classes]} for every k in ks, the same on every rank.
+
+    bank_x / bank_y: this rank's shard of the L2-normalised memory bank (shards may differ in size,
+    or be empty); queries [Q, d]: L2-normalised, the same on every rank. score_c = the sum over the
+    k nearest bank rows of class c of exp(sim / temperature) (k clamped to the bank size). Each rank
+    keeps a running top-k over chunks of its shard (memory Q x (k + chunk)), then one all_gather of
+    the candidates and a top-k over all of them gives the global neighbours."""
+    total = torch.tensor([len(bank_x)], device=queries.device)
+    if dsm.get_world_size() > 1:
+        dist.all_reduce(total)
+    kmax = min(max(ks), int(total))
+    values = torch.full((len(queries), kmax), -math.inf, device=queries.device)
+    classes = torch.zeros(len(queries), kmax, dtype=torch.long, device=queries.device)
+    for c0 in range(0, len(bank_x), chunk_size):
+        values, pick = torch.cat([values, queries @ bank_x[c0:c0 + chunk_size].t()], 1).topk(kmax, dim=1)
+        classes = torch.cat([classes, bank_y[c0:c0 + chunk_size].expand(len(queries), -1)], 1).gather(1, pick)
+    if dsm.get_world_size() > 1:  # [W*Q, kmax] -> [Q, W*kmax]: every rank's candidates of each query
+        values = dsm.all_gather_rows(values).view(-1, *values.shape).transpose(0, 1).flatten(1)
+        classes = dsm.all_gather_rows(classes).view(-1, *classes.shape).transpose(0, 1).flatten(1)
+        values, pick = values.topk(kmax, dim=1)
+        classes = classes.gather(1, pick)
+    scores = {}
+    for k in ks:
+        weights = (values[:, :min(k, kmax)] / temperature).exp()  # padding (-inf) weighs 0
+        scores[k] = torch.zeros(len(queries), num_classes, device=queries.device).scatter_add_(
+            1, classes[:, :min(k, kmax)], weights)
+    return scores
+
+
+def knn_accuracy(bank_x, bank_y, queries, query_y, num_classes, ks, temperature=0.07, chunk_size=4096):
+    """{k: (top-1 %, top-5 %)} of knn_class_scores over all queries, in chunks of queries."""
+    hits = {k: torch.zeros(2, dtype=torch.float64, device=queries.device) for k in ks}
+    for q0 in range(0, len(queries), chunk_size):
+        scores = knn_class_scores(bank_x, bank_y, queries[q0:q0 + chunk_size], num_classes, ks, temperature,
+                                  chunk_size)
+        for k in ks:
+            top = scores[k].topk(min(5, num_classes), dim=1).indices == query_y[q0:q0 + chunk_size, None]
+            hits[k] += torch.stack([top[:, 0].sum(), top.any(1).sum()]).double()
+    return {k: tuple((100 * hits[k] / max(len(queries), 1)).tolist()) for k in ks}
+
+
+# ---------------------------------------------------------------- small helpers shared by the stages
+
+def resume_from(path, settings):
+    """One resume contract for every training stage (02, 04, 05): the checkpoint at `path`, or None
+    when there is none. A checkpoint written by another stage, for other training data or with
+    other settings is refused with one line naming what differs: resuming it would silently train
+    something else. `settings` holds "stage", "data" (the fingerprint) and flag values by name."""
+    if not os.path.isfile(path):
+        return None
+    ckpt = extract_init.load_run_file(path, ("settings",), "delete it to start over")
+    saved = ckpt["settings"]
+    if saved.get("stage") != settings["stage"]:
+        fail(f"{path} was written by {saved.get('stage')}, not {settings['stage']}; pass another --out or delete it")
+    changed = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+    if changed:
+        names = {"data": "other training images", "backbone": "another backbone"}
+        was = ", ".join(names.get(key) or f"--{key.replace('_', '-')} {saved.get(key)}" for key in changed)
+        fail(f"{path} was written with other settings ({was}); rerun with those to resume, "
+             "or delete it to start over")
+    return ckpt
+
+
+def timed_batches(loader):
+    """One epoch of (batch, seconds spent waiting for it), for the data-wait share of the progress
+    lines; a bad image, also in a loader worker, stops with 01's one-line error."""
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        with extract_init.bad_images_fail():
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - t0
 
 
 def step_seed(seed, position, rank):

@@ -164,7 +164,7 @@ def main(argv=None):
     if args.task != "export" and args.data is None:
         extract.fail(f"--task {args.task} needs --data ROOT (the dataset's local folder)")
     args.init = args.init or os.path.join(args.out, "backbone.pt")
-    args.init = "none" if args.init == "scratch" else args.init  # 04's loader's name for a random backbone
+    args.init = "random" if args.init in ("scratch", "none") else args.init  # 04's name for a random backbone
     owns_group = not dist.is_initialized()  # a caller's group is left to the caller
     device = dsm.init_distributed(args.device)
     if device.type == "cuda":
@@ -202,7 +202,7 @@ def classify(args, device):
     # ---- optimiser: head at lr, backbone at lr x --backbone-lr-scale, cosine (04's set_lr) ----
     lr = args.lr if args.lr is not None else 0.1
     head_lr = lr * args.batch_size / 256
-    scale = args.backbone_lr_scale if args.backbone_lr_scale is not None else (1.0 if args.init == "none" else 0.1)
+    scale = args.backbone_lr_scale if args.backbone_lr_scale is not None else (1.0 if args.init == "random" else 0.1)
     optimizer = torch.optim.SGD([{"params": probe.fc.parameters(), "lr": head_lr, "base_lr": head_lr},
                                  {"params": probe.backbone.parameters(), "lr": head_lr * scale,
                                   "base_lr": head_lr * scale}],
@@ -214,7 +214,7 @@ def classify(args, device):
     log("args: " + json.dumps(vars(args), sort_keys=True))
 
     # ---- resume ----
-    name = f"transfer_classify_{args.dataset}" + ("_scratch" if args.init == "none" else "")  # beside the pretrained one
+    name = f"transfer_classify_{args.dataset}" + ("_random" if args.init == "random" else "")  # beside the pretrained one
     ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
     start_epoch, history = 0, []
     if os.path.isfile(ckpt_path):
@@ -229,13 +229,12 @@ def classify(args, device):
         del ckpt
 
     # ---- epochs: train (04's image_epoch), then top-1/top-5 on the whole test split ----
-    identity = torch.arange(num_classes)  # image_epoch looks targets up by index; our loaders yield labels
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # a resumed epoch = an uninterrupted one
         sampler.set_epoch(epoch)
-        loss, lr_now = linear.image_epoch(model, optimizer, loader, identity, args, epoch, device, log)
-        top1, top5, count = evaluate_dataset(probe, test_set, local_batch, args.workers, device)
+        loss, lr_now = linear.image_epoch(model, optimizer, loader, args, epoch, device, log)
+        top1, top5, count = linear.evaluate(probe, test_set, local_batch, args.workers, device)
         history.append({"epoch": epoch, "loss": loss, "lr": lr_now, "top1": top1, "top5": top5,
                         "epoch_s": round(time.perf_counter() - t0, 3)})
         log(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
@@ -251,23 +250,6 @@ def classify(args, device):
                 "head_lr": head_lr, "backbone_lr": head_lr * scale, "epochs_done": epoch + 1, "world_size": world,
                 "top1": top1, "top5": top5, "best_top1": max(h["top1"] for h in history), "history": history})
     log(f"wrote {os.path.join(args.out, name + '.json')}")
-
-
-@torch.no_grad()
-def evaluate_dataset(probe, dataset, batch_size, workers, device):
-    """(top-1 %, top-5 %, images counted) over a whole (image, label) dataset. Each process scores a
-    contiguous shard (sizes differ by <= 1) and 04's counters sum the hits: every image exactly once."""
-    probe.eval()
-    start, end = dsm.shard_range(len(dataset), dsm.get_rank(), dsm.get_world_size())
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
-    hits = torch.zeros(3, dtype=torch.float64, device=device)
-    with extract.bad_images_fail():
-        for images, labels in loader:
-            with linear.autocast(device):
-                logits = probe(linear.to_device(images, device))
-            hits += linear.local_hits(logits.float(), labels.to(device))
-    return linear.finish_hits(hits)
 
 
 def classify_transforms(image_size):
@@ -290,9 +272,9 @@ def classification_sets(args, train_tf, test_tf):
     tv = torchvision.datasets
     if name == "imagefolder":
         train_paths, train_labels, classes = extract.list_images(os.path.join(root, "train"))
-        val_paths, val_labels = linear.list_val_images(root, classes)
-        return (Labelled(extract.ImageList(train_paths, train_tf), train_labels),
-                Labelled(extract.ImageList(val_paths, test_tf), val_labels), len(classes))
+        val_paths, val_labels = pretrain.list_val_images(root, classes)
+        return (extract.ImageList(train_paths, train_tf, train_labels),
+                extract.ImageList(val_paths, test_tf, val_labels), len(classes))
     try:
         if name in ("cifar10", "cifar100"):
             cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
@@ -347,19 +329,6 @@ def inaturalist_sets(root, version, train_tf, test_tf, download):
             names = {image["file_name"].split("/", 1)[1] for image in json.load(f)["images"]}
         subsets.append(TransformedSubset(full, [i for i, r in enumerate(relative) if r in names], transform))
     return subsets[0], subsets[1], len(full.all_categories)
-
-
-class Labelled(torch.utils.data.Dataset):
-    """(image, label) from 01's ImageList, which yields (image, index)."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return self.images[index][0], self.labels[index]
 
 
 class TransformedSubset(torch.utils.data.Dataset):
@@ -427,7 +396,7 @@ def detect(args, device):
     log("args: " + json.dumps(vars(args), sort_keys=True))
 
     # ---- resume ----
-    name = "transfer_detect_voc" + ("_scratch" if args.init == "none" else "")
+    name = "transfer_detect_voc" + ("_random" if args.init == "random" else "")
     ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
     it = 0
     if os.path.isfile(ckpt_path):
@@ -747,10 +716,10 @@ def report(args):
             rows.append((f"semi-supervised {float(fraction):.0%} top-1", pct(semi), pct(semi_random)))
     for name in sorted(os.listdir(args.out)):
         stem = name[:-len(".json")]
-        if name.startswith("transfer_classify_") and name.endswith(".json") and not stem.endswith("_scratch"):
-            pre, scratch = load(stem), load(stem + "_scratch")
+        if name.startswith("transfer_classify_") and name.endswith(".json") and not stem.endswith("_random"):
+            pre, scratch = load(stem), load(stem + "_random")
             rows.append((f"transfer classify {pre['dataset']} top-1", pct(pre), pct(scratch)))
-    detection, detection_scratch = load("transfer_detect_voc"), load("transfer_detect_voc_scratch")
+    detection, detection_scratch = load("transfer_detect_voc"), load("transfer_detect_voc_random")
     for key in ("AP", "AP50", "AP75") if detection or detection_scratch else ():
         rows.append((f"transfer detect voc {key}", pct(detection, key), pct(detection_scratch, key)))
 

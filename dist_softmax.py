@@ -138,6 +138,11 @@ class DistCosineSoftmax(nn.Module):
             hard_classes = labels.new_empty(labels.shape[0], 0)
         return _CosineSoftmax.apply(features, self.weight, labels, hard_classes, float(alpha), self)
 
+    def local_rows(self, ids):
+        """Positions in this rank's shard of those of `ids` it owns (the others are dropped)."""
+        rows = ids - self.start
+        return rows[(rows >= 0) & (rows < self.end - self.start)]
+
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, dim={self.dim}, rows=[{self.start}, {self.end}), "
                 f"temperature={self.temperature}, chunk_size={self.chunk_size}")
@@ -264,6 +269,20 @@ def reduce_scatter_rows(tensor):
     out = tensor.new_empty(tensor.shape[0] // world_size, *tensor.shape[1:])
     _reduce_scatter(out, tensor.contiguous())
     return out
+
+
+def all_gather_shards(local, total):
+    """Every rank's contiguous shard_range shard [n_r, ...] of a total-row tensor, concatenated in
+    rank order on every rank (shards may differ in size by one, or be empty)."""
+    world = get_world_size()
+    if world == 1:
+        return local
+    size = shard_range(total, 0, world)[1]  # rank 0's shard is the largest
+    padded = local.new_zeros((size,) + tuple(local.shape[1:]))
+    padded[:len(local)] = local
+    gathered = all_gather_rows(padded)
+    return torch.cat([gathered[r * size:r * size + e - s]
+                      for r, (s, e) in enumerate(shard_range(total, r, world) for r in range(world))])
 
 
 def _target_weights(shape, alpha, device):

@@ -12,6 +12,7 @@ from helpers import run_distributed, stage
 import dist_softmax
 
 extract = stage("01_extract_init")
+pretrain = stage("02_pretrain")
 evaluation = stage("04_linear_eval")
 torch.set_num_threads(1)
 
@@ -63,7 +64,7 @@ def test_probe_on_features_that_carry_the_labels_reaches_well_above_chance():
     args = type("Args", (), {"seed": 0, "batch_size": 32, "epochs": 10})
     for epoch in range(10):
         loss, _ = evaluation.cached_epoch(probe, optimizer, train_x, train_y, 0, 200, args, epoch)
-    top1, top5, count = evaluation.topk_hits(probe.classify(val_x), val_y)
+    top1, top5, count = evaluation.count_hits(probe.classify(val_x), val_y)
     assert count == 100
     assert top1 > 80, f"top-1 {top1}% on separable features (chance 20%)"
     assert top5 == 100
@@ -93,18 +94,8 @@ def test_linear_probe_leaves_every_backbone_tensor_bit_identical(data, tmp_path,
     assert 0 <= on_disk["top1"] <= on_disk["top5"] <= 100
 
 
-def test_changed_tensors_names_a_modified_weight():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
-    snapshot = {k: v.clone() for k, v in net.state_dict().items()}
-    assert evaluation.changed_tensors(net, snapshot) == []
-    with torch.no_grad():
-        net[1].running_mean[0] += 1e-7
-    assert evaluation.changed_tensors(net, snapshot) == ["1.running_mean"]
-
-
 def test_learning_rate_is_printed_after_scaling_by_the_batch(data, tmp_path, capsys):
-    evaluation.main(argv_04(data, str(tmp_path / "run"), "--pretrained", "none", "--cached-features", "--epochs", "1"))
+    evaluation.main(argv_04(data, str(tmp_path / "run"), "--pretrained", "random", "--cached-features", "--epochs", "1"))
     out = capsys.readouterr().out
     assert "lr 40 x 6/2048 = 0.117188 (linear layer)" in out
     assert "epoch 1/1 loss" in out and "top-1" in out and "top-5" in out
@@ -113,11 +104,11 @@ def test_learning_rate_is_printed_after_scaling_by_the_batch(data, tmp_path, cap
 def test_random_baseline_writes_its_own_files_beside_the_pretrained_results(data, tmp_path):
     out = str(tmp_path / "run")
     save_backbone(out)
-    for extra in ([], ["--pretrained", "none"]):
+    for extra in ([], ["--pretrained", "random"]):
         evaluation.main(argv_04(data, out, "--cached-features", "--epochs", "2", *extra))
     pretrained, random = read_json(out, "linear_eval.json"), read_json(out, "linear_eval_random.json")
     assert pretrained["checkpoint"].endswith("backbone.pt")
-    assert random["checkpoint"].startswith("none")
+    assert random["checkpoint"].startswith("random init")
     records = [json.loads(line) for line in open(os.path.join(out, "linear_eval_random_log.jsonl"))]
     assert [r["epoch"] for r in records] == [0, 1]
     assert all({"top1", "top5", "loss", "lr"} <= set(r) for r in records)
@@ -140,18 +131,18 @@ def test_the_random_baseline_gets_bn_statistics_of_the_training_images(data, tmp
     torch.testing.assert_close(backbone.bn1.running_var.double(), conv.transpose(0, 1).flatten(1).var(1),
                                atol=1e-5, rtol=1e-4)
     assert "BN statistics estimated on 18 training images" in capsys.readouterr().out
-    # 04 --pretrained none does it before the protocol and says so.
-    evaluation.main(argv_04(data, str(tmp_path / "run"), "--pretrained", "none", "--knn"))
+    # 04 --pretrained random does it before the protocol and says so.
+    evaluation.main(argv_04(data, str(tmp_path / "run"), "--pretrained", "random", "--knn"))
     assert "random-init baseline: BN statistics estimated" in capsys.readouterr().out
 
 
 def _cached_probe_on_two_processes(rank, world_size, data, out):
-    evaluation.main(argv_04(data, out, "--pretrained", "none", "--cached-features", "--standardize"))
+    evaluation.main(argv_04(data, out, "--pretrained", "random", "--cached-features", "--standardize"))
 
 
 def test_cached_probe_gives_the_same_result_on_one_and_two_processes(data, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    evaluation.main(argv_04(data, one, "--pretrained", "none", "--cached-features", "--standardize"))
+    evaluation.main(argv_04(data, one, "--pretrained", "random", "--cached-features", "--standardize"))
     run_distributed(_cached_probe_on_two_processes, 2, data, two)
     a, b = read_json(one, "linear_eval_random.json"), read_json(two, "linear_eval_random.json")
     assert b["world_size"] == 2
@@ -169,9 +160,9 @@ def _evaluate_on_processes(rank, world_size, data, expected):
     backbone, width = extract.build_backbone("resnet18", SIZE)
     probe = evaluation.Probe(backbone, width, 3, frozen=True)
     paths, _, classes = extract.list_images(os.path.join(data, "train"))
-    val_paths, val_labels = evaluation.list_val_images(data, classes)
-    args = type("Args", (), {"image_size": SIZE, "workers": 0})
-    result = evaluation.evaluate_images(probe, val_paths, val_labels, args, 2, torch.device("cpu"))
+    val_paths, val_labels = pretrain.list_val_images(data, classes)
+    val = extract.ImageList(val_paths, extract.eval_transform(SIZE), val_labels)
+    result = evaluation.evaluate(probe, val, 2, 0, torch.device("cpu"))
     if expected is not None:
         assert result == expected, (result, expected)
     return result
@@ -209,7 +200,7 @@ def _nan_on_rank_1(rank, world_size):
     loader = [(images, torch.tensor([0, 1]))]
     args = argparse.Namespace(epochs=1, print_freq=10, batch_size=4)
     with pytest.raises(SystemExit) as stopped:
-        evaluation.image_epoch(model, optimizer, loader, torch.arange(3), args, 0, torch.device("cpu"), print)
+        evaluation.image_epoch(model, optimizer, loader, args, 0, torch.device("cpu"), print)
     assert stopped.value.code == 2
 
 
@@ -219,7 +210,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank():
 
 def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch, capsys):
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    extra = ("--pretrained", "none", "--cached-features", "--standardize", "--epochs", "3", "--lr", "2")
+    extra = ("--pretrained", "random", "--cached-features", "--standardize", "--epochs", "3", "--lr", "2")
     evaluation.main(argv_04(data, whole, *extra))
     real_save, saves = dist_softmax.atomic_save, []
 
@@ -248,9 +239,9 @@ def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path
 
 def test_resuming_with_other_settings_is_refused(data, tmp_path, capsys):
     out = str(tmp_path / "run")
-    evaluation.main(argv_04(data, out, "--pretrained", "none", "--cached-features", "--epochs", "1"))
+    evaluation.main(argv_04(data, out, "--pretrained", "random", "--cached-features", "--epochs", "1"))
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main(argv_04(data, out, "--pretrained", "none", "--cached-features", "--epochs", "1", "--lr", "3"))
+        evaluation.main(argv_04(data, out, "--pretrained", "random", "--cached-features", "--epochs", "1", "--lr", "3"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "linear_eval_random_cached_checkpoint.pt was written with other settings (--lr " in err
@@ -274,12 +265,12 @@ def _knn_against_brute_force(rank, world_size):
     queries = F.normalize(torch.randn(11, 8, generator=generator), dim=1)
     start, end = dist_softmax.shard_range(37, rank, world_size)  # 19 / 18 rows
     ks = [1, 5, 20, 200]  # 20 exceeds a shard, 200 the whole train set
-    scores = evaluation.knn_class_scores(train_x[start:end], train_y[start:end], queries, 4, ks,
-                                         temperature=0.07, chunk_size=4)
-    assert sorted(scores) == [1, 5, 20, 37]
+    scores = pretrain.knn_class_scores(train_x[start:end], train_y[start:end], queries, 4, ks,
+                                       temperature=0.07, chunk_size=4)
+    assert sorted(scores) == ks
     for k in ks:
         expected = brute_force_knn_scores(train_x, train_y, queries, 4, k, 0.07)
-        torch.testing.assert_close(scores[min(k, 37)].double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(scores[k].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_knn_scores_equal_brute_force_float64_on_one_process():
@@ -291,13 +282,13 @@ def test_knn_scores_equal_brute_force_float64_on_two_processes():
 
 
 def _knn_on_two_processes(rank, world_size, data, out, expected):
-    result = evaluation.main(argv_04(data, out, "--knn", "--pretrained", "none", "--knn-k", "3,7", "--chunk-size", "4"))
+    result = evaluation.main(argv_04(data, out, "--knn", "--pretrained", "random", "--knn-k", "3,7", "--chunk-size", "4"))
     assert result["world_size"] == 2
     assert result["results"] == expected  # val gathered from uneven shards, train sharded, candidates merged
 
 
 def test_knn_run_gives_the_same_result_on_one_and_two_processes(data, tmp_path):
-    argv = argv_04(data, str(tmp_path / "one"), "--knn", "--pretrained", "none", "--knn-k", "3,7", "--chunk-size", "4")
+    argv = argv_04(data, str(tmp_path / "one"), "--knn", "--pretrained", "random", "--knn-k", "3,7", "--chunk-size", "4")
     expected = evaluation.main(argv)["results"]
     assert set(expected) == {"3", "7"}
     run_distributed(_knn_on_two_processes, 2, data, str(tmp_path / "two"), expected)
@@ -307,11 +298,11 @@ def test_knn_run_writes_both_k_and_clamps_k_to_the_train_size(data, tmp_path, ca
     out = str(tmp_path / "run")
     save_backbone(out)
     result = evaluation.main(argv_04(data, out, "--knn"))
-    evaluation.main(argv_04(data, out, "--knn", "--pretrained", "none"))
+    evaluation.main(argv_04(data, out, "--knn", "--pretrained", "random"))
     assert "k clamped to the 18 training images: [20, 200] -> [18, 18]" in capsys.readouterr().out
     assert set(result["results"]) == {"18"} and result["k"] == 18
     assert read_json(out, "knn.json")["protocol"] == "knn"
-    assert read_json(out, "knn_random.json")["checkpoint"].startswith("none")
+    assert read_json(out, "knn_random.json")["checkpoint"].startswith("random init")
 
 
 # ---------------------------------------------------------------- semi-supervised
@@ -365,7 +356,7 @@ def test_tiny_imagenet_val_layout_loads_with_the_train_class_order(tmp_path):
     (root / "val" / "val_annotations.txt").write_text("".join(f"{n}\t{c}\t0\t0\t8\t8\n" for n, c in rows))
     _, _, classes = extract.list_images(str(root / "train"))
     assert classes == ["n01", "n02", "n03"]
-    paths, labels = evaluation.list_val_images(str(root), classes)
+    paths, labels = pretrain.list_val_images(str(root), classes)
     assert [os.path.basename(p) for p in paths] == ["val_0.JPEG", "val_1.JPEG", "val_2.JPEG", "val_3.JPEG"]
     assert labels == [0, 2, 1, 0]
 
@@ -376,11 +367,11 @@ def test_imagefolder_val_with_fewer_classes_keeps_train_indices_and_unknown_clas
             (tmp_path / split / name).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
     classes = ["cat", "dog", "eel"]
-    assert evaluation.list_val_images(str(tmp_path), classes)[1] == [2]
+    assert pretrain.list_val_images(str(tmp_path), classes)[1] == [2]
     (tmp_path / "val" / "fox").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "fox" / "0.png")
     with pytest.raises(SystemExit):
-        evaluation.list_val_images(str(tmp_path), classes)
+        pretrain.list_val_images(str(tmp_path), classes)
     assert "['fox'] that train/ lacks" in capsys.readouterr().err
 
 
@@ -431,7 +422,7 @@ def test_missing_backbone_names_02_and_the_random_baseline(data, tmp_path, capsy
     with pytest.raises(SystemExit):
         evaluation.main(argv_04(data, str(tmp_path / "run")))
     err = capsys.readouterr().err
-    assert "backbone.pt not found; run 02_pretrain.py" in err and "--pretrained none" in err
+    assert "backbone.pt not found; run 02_pretrain.py" in err and "--pretrained random" in err
 
 
 def test_two_protocols_at_once_are_refused(data, tmp_path, capsys):

@@ -69,10 +69,10 @@ def test_help_shows_single_process_torchrun_and_multi_node_commands():
 
 def test_fine_tuning_from_scratch_beats_chance_clearly(colours, tmp_path, capsys):
     out = str(tmp_path / "run")
-    transfer.main(argv_classify(colours, out, 3, "--init", "scratch"))
+    transfer.main(argv_classify(colours, out, 3, "--init", "random"))
     printed = capsys.readouterr().out
     assert "head lr 0.8 x 16/256 = 0.05" in printed and "backbone lr x 1" in printed
-    result = read_json(os.path.join(out, "transfer_classify_imagefolder_scratch.json"))
+    result = read_json(os.path.join(out, "transfer_classify_imagefolder_random.json"))
     assert result["test_images"] == 17 and result["num_classes"] == 4 and len(result["history"]) == 3
     assert result["top1"] >= 75.0  # chance is 25%
     assert result["top5"] == 100.0  # 4 classes: the top 5 always hold the label
@@ -103,32 +103,32 @@ def test_a_state_dict_that_does_not_fit_is_refused_with_one_line(colours, tmp_pa
 
 def test_an_interrupted_fine_tuning_resumes_with_the_same_results(colours, tmp_path, monkeypatch):
     out, uninterrupted = str(tmp_path / "run"), str(tmp_path / "uninterrupted")
-    transfer.main(argv_classify(colours, uninterrupted, 2, "--init", "scratch"))
+    transfer.main(argv_classify(colours, uninterrupted, 2, "--init", "random"))
 
     with monkeypatch.context() as patch:
         patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch(1))
         with pytest.raises(KeyboardInterrupt):
-            transfer.main(argv_classify(colours, out, 2, "--init", "scratch"))
-    assert read_json(os.path.join(out, "transfer_classify_imagefolder_scratch.json"))["epochs_done"] == 1
-    transfer.main(argv_classify(colours, out, 2, "--init", "scratch"))  # the same command resumes
+            transfer.main(argv_classify(colours, out, 2, "--init", "random"))
+    assert read_json(os.path.join(out, "transfer_classify_imagefolder_random.json"))["epochs_done"] == 1
+    transfer.main(argv_classify(colours, out, 2, "--init", "random"))  # the same command resumes
     strip = [{k: v for k, v in h.items() if k != "epoch_s"} for h in read_json(
-        os.path.join(out, "transfer_classify_imagefolder_scratch.json"))["history"]]
+        os.path.join(out, "transfer_classify_imagefolder_random.json"))["history"]]
     expected = [{k: v for k, v in h.items() if k != "epoch_s"} for h in read_json(
-        os.path.join(uninterrupted, "transfer_classify_imagefolder_scratch.json"))["history"]]
+        os.path.join(uninterrupted, "transfer_classify_imagefolder_random.json"))["history"]]
     assert strip == expected and len(expected) == 2
 
 
 def _classify_two_processes(rank, world_size, data, out):
-    transfer.main(argv_classify(data, out, 1, "--init", "scratch"))
+    transfer.main(argv_classify(data, out, 1, "--init", "random"))
 
 
 def test_two_processes_evaluate_every_val_image_exactly_once(colours, tmp_path):
     out = str(tmp_path / "run")
     run_distributed(_classify_two_processes, 2, colours, out)
-    result = read_json(os.path.join(out, "transfer_classify_imagefolder_scratch.json"))
+    result = read_json(os.path.join(out, "transfer_classify_imagefolder_random.json"))
     assert result["test_images"] == 17  # 9 + 8
     # reference: the saved network evaluated image by image in one process, float64 counting
-    ckpt = torch.load(os.path.join(out, "transfer_classify_imagefolder_scratch_checkpoint.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(out, "transfer_classify_imagefolder_random_checkpoint.pt"), weights_only=True)
     backbone, width = extract.build_backbone("resnet18", SIZE)
     net = linear.Probe(backbone, width, 4, frozen=False)
     net.load_state_dict(ckpt["network"])
@@ -160,8 +160,8 @@ def test_cifar10_in_its_pickle_format_fine_tunes_and_reports(tmp_path, monkeypat
     data, out = write_cifar10(str(tmp_path / "cifar")), str(tmp_path / "run")
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # generated: not the md5s
     transfer.main(["--task", "classify", "--dataset", "cifar10", "--data", data, "--out", out, "--arch", "resnet18",
-                   "--image-size", str(SIZE), "--epochs", "1", "--batch-size", "10", "--workers", "0", "--init", "scratch"])
-    result = read_json(os.path.join(out, "transfer_classify_cifar10_scratch.json"))
+                   "--image-size", str(SIZE), "--epochs", "1", "--batch-size", "10", "--workers", "0", "--init", "random"])
+    result = read_json(os.path.join(out, "transfer_classify_cifar10_random.json"))
     assert (result["train_images"], result["test_images"], result["num_classes"]) == (20, 10, 10)
     assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
 

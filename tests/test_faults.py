@@ -113,7 +113,7 @@ def test_non_image_files_are_skipped(data, tmp_path):
 
 @pytest.mark.parametrize("script, extra", [
     ("02_pretrain", ["--epochs", "1", "--alpha", "0", "--workers", "1"]),  # raised inside a loader worker
-    ("04_linear_eval", ["--knn", "--pretrained", "none"]),
+    ("04_linear_eval", ["--knn", "--pretrained", "random"]),
 ])
 def test_a_truncated_image_is_one_line_naming_the_file(script, extra, data, run, tmp_path):
     root = str(tmp_path / "demo")
@@ -140,7 +140,7 @@ def test_a_file_with_an_image_name_that_is_not_an_image_is_one_line_naming_it(da
 @pytest.mark.parametrize("script, extra", [
     ("02_pretrain", ["--epochs", "1"]),
     ("03_hard_classes", ["--hard-k", "2"]),
-    ("04_linear_eval", ["--knn", "--pretrained", "none"]),
+    ("04_linear_eval", ["--knn", "--pretrained", "random"]),
 ])
 def test_a_run_folder_made_from_other_data_is_one_line(script, extra, run, tmp_path):
     other = extract.make_demo_dataset(str(tmp_path / "other"), num_classes=2, train_per_class=6,
@@ -158,11 +158,10 @@ def test_02_refuses_a_checkpoint_of_another_architecture(data, run, tmp_path):
     """A checkpoint.pt copied in from a resnet34 run over the same data: refused, not resumed."""
     other = str(tmp_path / "other")
     extract.main([*network(other, data, "resnet34"), "--diagnostic-samples", "6"])
-    init = torch.load(os.path.join(other, "init.pt"), weights_only=True)
-    torch.save({"network": init["network"], "classifier": init["classifier"], "optimizer": {}, "epoch": 0,
-                "step": 3, "world_size": 1, "args": init["args"]}, os.path.join(run, "checkpoint.pt"))
+    subprocess_ok(run_script("02_pretrain", [*argv_02(data, other, 1), "--arch", "resnet34"]))
+    shutil.copy(os.path.join(other, "checkpoint.pt"), os.path.join(run, "checkpoint.pt"))
     done = run_script("02_pretrain", argv_02(data, run, 2))
-    assert_one_line_failure(done, "checkpoint.pt", "resnet34")
+    assert_one_line_failure(done, "checkpoint.pt", "other settings (--arch resnet34)")
 
 
 def test_02_refuses_a_checkpoint_with_another_class_count(data, run, tmp_path):
@@ -173,7 +172,7 @@ def test_02_refuses_a_checkpoint_with_another_class_count(data, run, tmp_path):
     subprocess_ok(run_script("02_pretrain", argv_02(other, other_run, 1)))
     shutil.copy(os.path.join(other_run, "checkpoint.pt"), os.path.join(run, "checkpoint.pt"))
     done = run_script("02_pretrain", argv_02(data, run, 2))
-    assert_one_line_failure(done, "checkpoint.pt", "12", "18")
+    assert_one_line_failure(done, "checkpoint.pt", "other training images")
 
 
 @pytest.mark.parametrize("script, extra", [

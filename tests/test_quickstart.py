@@ -32,13 +32,13 @@ def quickstart(tmp_path_factory):
                          "--lr", "4", "--hard-k", "2"]),
         ("03_hard_classes", ["--out", out, "--hard-k", "2", "--grid-rows", "2"]),
     ]
-    for backbone in (os.path.join(out, "backbone.pt"), "none"):
+    for backbone in (os.path.join(out, "backbone.pt"), "random"):
         steps += [
             ("04_linear_eval", [*common, "--pretrained", backbone, "--batch-size", "6", "--knn"]),
             ("04_linear_eval", [*common, "--pretrained", backbone, "--batch-size", "6", "--cached-features",
                                 "--standardize", "--lr", "1", "--epochs", "3"]),
         ]
-    for init in (os.path.join(out, "backbone.pt"), "scratch"):
+    for init in (os.path.join(out, "backbone.pt"), "random"):
         steps.append(("05_transfer", [*common, *net, "--task", "classify", "--init", init, "--batch-size", "6",
                                       "--epochs", "1"]))
     outputs = []
