@@ -24,7 +24,6 @@ the raw features against chance (the paper: about 3% against 0.1% on ImageNet) a
 cosine between two augmented views of one instance against two different instances (Figure 4).
 
 Commands:
-  python 01_extract_init.py --make-demo-data demo_data        # a small generated image set
   python 01_extract_init.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 --batch-size 256
   torchrun --nproc_per_node=8 01_extract_init.py --data /datasets/imagenet --out runs/in1k
   torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
@@ -32,21 +31,18 @@ Commands:
 --data ROOT holds train/ in ImageFolder layout (found recursively: tiny-imagenet-200/ works as is).
 """
 import argparse
-import colorsys
 import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 from torchvision import transforms
 
@@ -75,7 +71,7 @@ def add_common_args(parser, epochs, batch_size, data_required=True):
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-add_common_args(parser, epochs=None, batch_size=4096, data_required=False)
+add_common_args(parser, epochs=None, batch_size=4096)
 parser.add_argument("--bn", default="running", choices=["running", "fixed"],
                     help="BN in training mode during the pass (the paper's running BNs) or in eval mode")
 parser.add_argument("--init", default="raw", choices=["raw", "random"],
@@ -85,18 +81,10 @@ parser.add_argument("--head", default="mlp", choices=["mlp", "linear"],
                     help="the 2-layer MLP head, or one linear layer (Table 2's 'no MLP head' row)")
 parser.add_argument("--diagnostic-samples", type=int, default=1000,
                     help="queries for the retrieval check and instances for the cosine gap")
-parser.add_argument("--make-demo-data", metavar="DIR",
-                    help="write the generated demo image set (train/ and val/) to DIR and exit")
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.make_demo_data:
-        make_demo_dataset(args.make_demo_data, seed=args.seed)
-        print(f"wrote demo data to {args.make_demo_data} (train/ and val/, 10 classes, 64 px)")
-        return
-    if args.data is None:
-        fail("--data ROOT is required (a folder holding train/); or --make-demo-data DIR to create one")
     owns_group = not torch.distributed.is_initialized()  # a caller's group is left to the caller
     device = dsm.init_distributed(args.device)
     world = dsm.get_world_size()
@@ -320,8 +308,9 @@ def autocast(device):
 
 
 def to_device(images, device):
-    """A batch of images on `device`, channels_last on CUDA (faster convolutions under autocast)."""
-    images = images.to(device, non_blocking=True)
+    """A batch of images on `device` in the default dtype (float32 unless a test asks for float64),
+    channels_last on CUDA (faster convolutions under autocast)."""
+    images = images.to(device, torch.get_default_dtype(), non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
@@ -482,99 +471,6 @@ def view_cosine_gap(net, paths, args, device, batch_size=64):
     return same, other
 
 
-# ---------------------------------------------------------------- demo data
-
-SHAPES = ("circle", "ring", "square", "diamond", "triangle", "star", "cross", "frame", "half_disc", "bars")
-
-
-def make_demo_dataset(root, num_classes=10, train_per_class=40, val_per_class=50, image_size=64, seed=0):
-    """Write a deterministic image set with real class structure to root/{train,val}/<class>/*.png.
-
-    The class is the shape kind (circle, ring, square, ...); with more classes than shapes it is
-    shape x hue family. Colour is random within a class (any hue unless a family fixes a range),
-    and size, position, rotation, background gradient, noise and small distractor blobs vary per
-    image, so colour alone does not tell the classes apart.
-    """
-    families = math.ceil(num_classes / len(SHAPES))
-    names = [f"{c:03d}_{SHAPES[c % len(SHAPES)]}" + (f"_hue{c // len(SHAPES)}" if families > 1 else "")
-             for c in range(num_classes)]
-    for split_id, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
-        for c, name in enumerate(names):
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                rng = np.random.default_rng([seed, split_id, c, i])
-                image = _demo_image(rng, SHAPES[c % len(SHAPES)], c // len(SHAPES), families, image_size)
-                image.save(os.path.join(folder, f"{i:05d}.png"))
-    return root
-
-
-def _demo_image(rng, shape, family, families, size):
-    big = 2 * size  # drawn at twice the size, then downsampled (anti-aliasing)
-
-    def hsv(h, s, v):
-        return tuple(int(255 * x) for x in colorsys.hsv_to_rgb(h % 1.0, s, v))
-
-    # background: a gradient between two muted colours, plus pixel noise
-    a = np.array(hsv(rng.random(), rng.uniform(0, 0.4), rng.uniform(0.2, 0.9)), float)
-    b = np.array(hsv(rng.random(), rng.uniform(0, 0.4), rng.uniform(0.2, 0.9)), float)
-    t = np.linspace(0, 1, big)[None, :, None]
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(angle) * t + np.sin(angle) * t.transpose(1, 0, 2)) / 2 + 0.5
-    background = a * (1 - ramp) + b * ramp + rng.normal(0, 10, (big, big, 3))
-    canvas = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.integers(0, 4)):  # distractor blobs
-        x, y, r = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(0.02, 0.06) * big
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=hsv(rng.random(), rng.random(), rng.random()))
-
-    # the shape, as a mask, in a colour from the class's hue family
-    r = rng.uniform(0.22, 0.4) * big
-    cx, cy = rng.uniform(r + 2, big - r - 2, size=2)
-    rot = np.deg2rad(rng.uniform(-25, 25))
-    mask = Image.new("L", (big, big), 0)
-    m = ImageDraw.Draw(mask)
-
-    def poly(radii, angles):
-        angles = np.asarray(angles) + rot
-        return [(cx + q * np.cos(p), cy + q * np.sin(p)) for q, p in zip(radii, angles)]
-
-    def box(q):
-        return (cx - q, cy - q, cx + q, cy + q)
-
-    square = np.deg2rad([45, 135, 225, 315])
-    if shape == "circle":
-        m.ellipse(box(r), fill=255)
-    elif shape == "ring":
-        m.ellipse(box(r), fill=255)
-        m.ellipse(box(0.6 * r), fill=0)
-    elif shape == "square":
-        m.polygon(poly([r] * 4, square), fill=255)
-    elif shape == "diamond":
-        m.polygon(poly([r] * 4, square - np.pi / 4), fill=255)
-    elif shape == "triangle":
-        m.polygon(poly([r] * 3, np.deg2rad([-90, 30, 150])), fill=255)
-    elif shape == "star":
-        m.polygon(poly([r, 0.45 * r] * 5, np.deg2rad(np.arange(10) * 36 - 90)), fill=255)
-    elif shape == "cross":
-        w = 0.3 * r  # a plus sign: the 12 corners as (radius, angle) pairs
-        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
-                   (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        m.polygon(poly([math.hypot(x, y) for x, y in corners], [math.atan2(y, x) for x, y in corners]), fill=255)
-    elif shape == "frame":
-        m.polygon(poly([r] * 4, square), fill=255)
-        m.polygon(poly([0.6 * r] * 4, square), fill=0)
-    elif shape == "half_disc":
-        start = np.rad2deg(rot)
-        m.pieslice(box(r), start, start + 180, fill=255)
-    elif shape == "bars":
-        for offset in (-0.55 * r, 0.55 * r):
-            corners = [(-r, offset - 0.25 * r), (r, offset - 0.25 * r), (r, offset + 0.25 * r), (-r, offset + 0.25 * r)]
-            m.polygon(poly([math.hypot(x, y) for x, y in corners], [math.atan2(y, x) for x, y in corners]), fill=255)
-    hue = (family + rng.random()) / families
-    colour = Image.new("RGB", (big, big), hsv(hue, rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)))
-    canvas.paste(colour, (0, 0), mask)
-    return canvas.resize((size, size), Image.BILINEAR)
 
 
 if __name__ == "__main__":

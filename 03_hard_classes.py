@@ -177,13 +177,13 @@ def _mine(classifier, k, chunk_size=None):
     chunk = -(-(chunk_size or DEFAULT_CHUNK.get(device.type, 2048)) // GROUP) * GROUP
     w_norm = F.normalize(w.float(), dim=1)
 
-    best_val = torch.full((n_local, k), float("-inf"), device=device)
+    best_val = torch.full((n_local, k), float("-inf"), dtype=torch.float32, device=device)
     best_idx = torch.full((n_local, k), -1, dtype=torch.long, device=device)
-    threshold = torch.full((n_local,), float("-inf"), device=device)  # running k-th best per row
+    threshold = torch.full((n_local,), float("-inf"), dtype=torch.float32, device=device)  # running k-th best per row
     row_chunks = [(r0, min(r0 + chunk, n_local)) for r0 in range(0, n_local, chunk)]
     started = [False] * len(row_chunks)
     # One owner's shard at a time, plus GROUP spare rows so every column block is whole groups.
-    shard = torch.zeros(n_local + 1 + GROUP, dim, device=device)
+    shard = torch.zeros(n_local + 1 + GROUP, dim, dtype=torch.float32, device=device)
     local = threading.local()
 
     def scan(ci, o_start, o_end):
@@ -191,7 +191,7 @@ def _mine(classifier, k, chunk_size=None):
         r0, r1 = row_chunks[ci]
         rows = slice(r0, r1)
         if not hasattr(local, "scores"):
-            local.scores = torch.empty(min(chunk, n_local) * chunk, device=device)
+            local.scores = torch.empty(min(chunk, n_local) * chunk, dtype=torch.float32, device=device)
         pending, pending_count = [], torch.zeros(r1 - r0, dtype=torch.long, device=device)
         for c0 in range(o_start, o_end, chunk):
             c1 = min(c0 + chunk, o_end)
@@ -280,7 +280,7 @@ def _candidates(s, thr, skip):
 def _merge_pending(best_val, best_idx, threshold, pending, pending_count):
     """Merge pending candidates [(row, slot, column, value), ...] into the rows' running top-k."""
     width = int(pending_count.max())
-    new_val = torch.full((best_val.shape[0], width), float("-inf"), device=best_val.device)
+    new_val = torch.full((best_val.shape[0], width), float("-inf"), dtype=best_val.dtype, device=best_val.device)
     new_idx = torch.full((best_val.shape[0], width), -1, dtype=torch.long, device=best_val.device)
     for row, slot, col, val in pending:
         new_val[row, slot] = val

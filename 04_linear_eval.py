@@ -596,7 +596,7 @@ def knn_protocol(args, backbone, train, val, num_classes, local_batch, device, l
     val_x, val_y = pretrain.embed_shard(backbone, val.paths, val.labels, args, local_batch, device)
     val_x, val_y = dsm.all_gather_shards(val_x, len(val)), dsm.all_gather_shards(val_y, len(val))
     log(f"embedded {len(train)} train + {len(val)} val images in {time.perf_counter() - t0:.1f} s")
-    ks = [min(k, len(train)) for k in args.knn_k]
+    ks = list(dict.fromkeys(min(k, len(train)) for k in args.knn_k))
     if ks != args.knn_k:
         log(f"note: k clamped to the {len(train)} training images: {args.knn_k} -> {ks}")
     t0 = time.perf_counter()

@@ -160,19 +160,20 @@ class _CosineSoftmax(torch.autograd.Function):
     def forward(ctx, features, weight, labels, hard_classes, alpha, module):
         tau, world_size = module.temperature, module.world_size
         device_type = features.device.type
-        # Matrix products follow autocast (bf16 on GPU); the softmax itself is always fp32.
-        mm_dtype = (torch.get_autocast_dtype(device_type)
-                    if torch.is_autocast_enabled(device_type) else torch.float32)
+        # Matrix products follow autocast (bf16 on GPU); the softmax itself is always fp32
+        # (float64 for float64 inputs, which the exactness tests use).
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
         with torch.autocast(device_type, enabled=False):
             # Step 2: gather the global batch B = W*b. Id column 0 is the label, columns 1..k the
             # hard classes, gathered together.
-            x = features.float()
+            x = features.to(dtype)
             ids = all_gather_rows(torch.cat([labels[:, None], hard_classes], 1))
             x_norm = F.normalize(all_gather_rows(x), dim=1)
-            target_weight = _target_weights(ids.shape, alpha, x.device)
+            target_weight = _target_weights(ids.shape, alpha, x)
             local_ids = ids - module.start  # rows of the local shard; other shards' ids fall outside
 
-            w = weight.float()
+            w = weight.to(dtype)
             inv_w_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
             x_log2 = (x_norm * (LOG2E / tau)).to(mm_dtype)
             sums = x.new_zeros(2, len(x_norm))  # per row: sum_j exp(s_ij), log2(e) sum_j y_ij s_ij
@@ -180,7 +181,7 @@ class _CosineSoftmax(torch.autograd.Function):
             for c0, c1 in _chunks(len(w), module.chunk_size):
                 # Step 3: t = log2(e) cos / tau for this chunk of local rows.
                 w_norm = _normalised_rows(w, inv_w_norm, c0, c1, mm_dtype)
-                t = (x_log2 @ w_norm.t()).float()
+                t = (x_log2 @ w_norm.t()).to(dtype)
                 # The target term of Eq. 3, read off before t turns into exp.
                 in_chunk, cols = _chunk_columns(local_ids, c0, c1)
                 sums[1] += (t.gather(1, cols) * target_weight * in_chunk).sum(1)
@@ -209,7 +210,7 @@ class _CosineSoftmax(torch.autograd.Function):
             # s_ij = x_norm_i . w_norm_j / tau. The E/S part goes through two matrix products with
             # the row scale c / (tau S_i) folded into the small operand; the y part touches only the
             # B x (k+1) target pairs.
-            c = grad_loss.float() / len(x_norm)
+            c = grad_loss.to(x.dtype) / len(x_norm)
             row_scale = (c / (tau * denominators))[:, None]
             x_scaled = (x_norm * row_scale).to(mm_dtype)
             grad_x_norm = torch.zeros_like(x_norm)
@@ -219,11 +220,11 @@ class _CosineSoftmax(torch.autograd.Function):
                     (exp_t, w_norm), ctx.kept = ctx.kept, None
                 else:
                     w_norm = _normalised_rows(w, inv_w_norm, c0, c1, mm_dtype)
-                    exp_t = (x_log2 @ w_norm.t()).float().exp2_()
+                    exp_t = (x_log2 @ w_norm.t()).to(x.dtype).exp2_()
                 exp_t = exp_t.to(mm_dtype)
-                grad_x_norm += (exp_t @ w_norm).float() * row_scale
+                grad_x_norm += (exp_t @ w_norm).to(x.dtype) * row_scale
                 gw = grad_w[c0:c1]
-                if mm_dtype == torch.float32:
+                if mm_dtype == gw.dtype:
                     torch.mm(exp_t.t(), x_scaled, out=gw)
                 else:
                     gw.copy_(exp_t.t() @ x_scaled)
@@ -233,7 +234,7 @@ class _CosineSoftmax(torch.autograd.Function):
                 rows, slots = in_chunk.nonzero(as_tuple=True)
                 classes = cols[rows, slots]
                 coef = (-c / tau * target_weight[rows, slots])[:, None]
-                grad_x_norm.index_add_(0, rows, w_norm[classes].float() * coef)
+                grad_x_norm.index_add_(0, rows, w_norm[classes].to(x.dtype) * coef)
                 gw.index_add_(0, classes, x_norm[rows] * coef)
                 del w_norm
                 _through_row_norm(gw, w[c0:c1], inv_w_norm[c0:c1])
@@ -285,10 +286,11 @@ def all_gather_shards(local, total):
                       for r, (s, e) in enumerate(shard_range(total, r, world) for r in range(world))])
 
 
-def _target_weights(shape, alpha, device):
-    """Eq. 2 per id column: 1 - alpha for the label, alpha / k for each of the k hard classes."""
+def _target_weights(shape, alpha, like):
+    """Eq. 2 per id column: 1 - alpha for the label, alpha / k for each of the k hard classes (in the
+    dtype and on the device of `like`)."""
     k = shape[1] - 1
-    weights = torch.full(shape, alpha / max(k, 1), device=device)
+    weights = torch.full(shape, alpha / max(k, 1), dtype=like.dtype, device=like.device)
     weights[:, 0] = 1.0 - alpha if k else 1.0
     return weights
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import demo_data  # noqa: E402
 import dist_softmax  # noqa: E402
 
 extract = importlib.import_module("01_extract_init")
@@ -187,7 +188,7 @@ def loader_wait_share(args, instance, device):
     loader (generated PNGs, two augmented views each); the first batch (worker start) is skipped."""
     with tempfile.TemporaryDirectory() as tmp:
         per_class = max(2, -(-(args.batch * (args.loader_steps + 1)) // 10))
-        root = extract.make_demo_dataset(tmp, num_classes=10, train_per_class=per_class, val_per_class=0,
+        root = demo_data.make_demo_dataset(tmp, num_classes=10, train_per_class=per_class, val_per_class=0,
                                          image_size=args.image_size)
         paths, _, _ = extract.list_images(os.path.join(root, "train"))
         dataset = extract.ImageList(paths, extract.TwoViews(extract.train_transform(args.image_size)))

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 
 import torch
@@ -69,3 +70,23 @@ def interrupt_at_epoch(stop_epoch):
             raise KeyboardInterrupt
         sampler.epoch = epoch
     return set_epoch
+
+
+REAL_PHOTOS = os.path.join(ROOT, "..", "shared", "data", "cifar10-dev.tar")
+
+
+def real_photos(dest, classes=2, train_per_class=40, val_per_class=10):
+    """An ImageFolder subset of the shared CIFAR-10 photos (the first `classes` classes, the first
+    images of each) unpacked into dest; None when ../shared/data/cifar10-dev.tar is not there."""
+    if not os.path.isfile(REAL_PHOTOS):
+        return None
+    with tarfile.open(REAL_PHOTOS) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+                         key=lambda m: m.name)
+        names = sorted({m.name.split("/")[2] for m in members})[:classes]
+        keep = []
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            for name in names:
+                keep += [m for m in members if m.name.split("/")[1:3] == [split, name]][:count]
+        tar.extractall(dest, members=keep, filter="data")
+    return os.path.join(dest, "cifar10-dev")

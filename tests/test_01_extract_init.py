@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import demo_data
 from helpers import run_distributed, stage
 
 import dist_softmax
@@ -20,7 +21,7 @@ SIZE, BATCH = 16, 8  # 4 classes x 8 images at 16 px: 32 instances
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
-    return extract.make_demo_dataset(root, num_classes=4, train_per_class=8, val_per_class=2, image_size=SIZE)
+    return demo_data.make_demo_dataset(root, num_classes=4, train_per_class=8, val_per_class=2, image_size=SIZE)
 
 
 def argv_01(data, out, *extra):
@@ -104,20 +105,8 @@ def test_changed_data_is_refused(tmp_path, capsys):
     assert "5 training images" in err and "4 different" in err and err.count("\n") == 1
 
 
-def test_demo_dataset_is_deterministic_imagefolder_with_one_folder_per_shape(tmp_path):
-    a = extract.make_demo_dataset(str(tmp_path / "a"), num_classes=3, train_per_class=2, val_per_class=1, image_size=SIZE)
-    b = extract.make_demo_dataset(str(tmp_path / "b"), num_classes=3, train_per_class=2, val_per_class=1, image_size=SIZE)
-    paths, labels, classes = extract.list_images(os.path.join(a, "train"))
-    assert classes == ["000_circle", "001_ring", "002_square"] and labels == [0, 0, 1, 1, 2, 2]
-    assert len(extract.list_images(os.path.join(a, "val"))[0]) == 3
-    for p in paths:
-        assert open(p, "rb").read() == open(p.replace(a, b, 1), "rb").read()
-    with Image.open(paths[0]) as image:
-        assert image.size == (SIZE, SIZE) and image.mode == "RGB"
-
-
 def test_a_truncated_image_stops_the_pass_with_a_line_naming_it(tmp_path, capsys):
-    root = extract.make_demo_dataset(str(tmp_path / "d"), num_classes=2, train_per_class=2, val_per_class=0, image_size=SIZE)
+    root = demo_data.make_demo_dataset(str(tmp_path / "d"), num_classes=2, train_per_class=2, val_per_class=0, image_size=SIZE)
     bad = os.path.join(root, "train", "001_ring", "00001.png")
     with open(bad, "r+b") as f:
         f.truncate(60)

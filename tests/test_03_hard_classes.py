@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import demo_data
 from helpers import ROOT, run_distributed, stage
 
 import dist_softmax
@@ -149,7 +150,7 @@ def test_lookup_fetches_rows_from_their_owners_across_all_shards():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
-    extract.make_demo_dataset(root, num_classes=3, train_per_class=8, val_per_class=1, image_size=16)
+    demo_data.make_demo_dataset(root, num_classes=3, train_per_class=8, val_per_class=1, image_size=16)
     out = str(tmp_path_factory.mktemp("run"))
     w = weights(24, 8, seed=8)
     dist_softmax.atomic_save({"classifier": {"weight": w, "momentum": None, "num_classes": 24},

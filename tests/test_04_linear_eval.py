@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import demo_data
 from helpers import run_distributed, stage
 
 import dist_softmax
@@ -22,7 +23,7 @@ SIZE, BATCH = 16, 6  # 3 classes x 6 train / 3 val images at 16 px: 18 train, 9 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
-    return extract.make_demo_dataset(root, num_classes=3, train_per_class=6, val_per_class=3, image_size=SIZE)
+    return demo_data.make_demo_dataset(root, num_classes=3, train_per_class=6, val_per_class=3, image_size=SIZE)
 
 
 def argv_04(data, out, *extra):
@@ -299,7 +300,7 @@ def test_knn_run_writes_both_k_and_clamps_k_to_the_train_size(data, tmp_path, ca
     save_backbone(out)
     result = evaluation.main(argv_04(data, out, "--knn"))
     evaluation.main(argv_04(data, out, "--knn", "--pretrained", "random"))
-    assert "k clamped to the 18 training images: [20, 200] -> [18, 18]" in capsys.readouterr().out
+    assert "k clamped to the 18 training images: [20, 200] -> [18]" in capsys.readouterr().out
     assert set(result["results"]) == {"18"} and result["k"] == 18
     assert read_json(out, "knn.json")["protocol"] == "knn"
     assert read_json(out, "knn_random.json")["checkpoint"].startswith("random init")

@@ -9,6 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import demo_data
 from helpers import interrupt_at_epoch, run_distributed, stage
 
 extract = stage("01_extract_init")
@@ -81,7 +82,7 @@ def test_fine_tuning_from_scratch_beats_chance_clearly(colours, tmp_path, capsys
 def test_fine_tuning_starts_from_the_pretrained_backbone_with_a_smaller_backbone_lr(colours, tmp_path, capsys):
     out = str(tmp_path / "run")
     saved = save_backbone(out)
-    transfer.main(argv_classify(colours, out, 1))  # --init defaults to RUN/backbone.pt
+    transfer.main(argv_classify(colours, out, 1, "--backbone-lr-scale", "0.1"))  # --init: RUN/backbone.pt
     assert "backbone lr x 0.1" in capsys.readouterr().out
     ckpt = torch.load(os.path.join(out, "transfer_classify_imagefolder_checkpoint.pt"), weights_only=True)
     head_lr, backbone_lr = (group["lr"] for group in ckpt["optimizer"]["param_groups"])
@@ -116,6 +117,29 @@ def test_an_interrupted_fine_tuning_resumes_with_the_same_results(colours, tmp_p
     expected = [{k: v for k, v in h.items() if k != "epoch_s"} for h in read_json(
         os.path.join(uninterrupted, "transfer_classify_imagefolder_random.json"))["history"]]
     assert strip == expected and len(expected) == 2
+
+
+def test_both_arms_fine_tune_with_the_same_settings_by_default(colours, tmp_path):
+    out = str(tmp_path / "run")
+    save_backbone(out, seed=1)  # not the random arm's network (seed 0)
+    transfer.main(argv_classify(colours, out, 1))
+    transfer.main(argv_classify(colours, out, 1, "--init", "random"))
+    pretrained, random_init = (read_json(os.path.join(out, f"transfer_classify_imagefolder{s}.json"))["settings"]
+                               for s in ("", "_random"))
+    assert pretrained["backbone_lr_scale"] == 1.0 and pretrained.pop("backbone") != random_init.pop("backbone")
+    assert pretrained == random_init
+
+
+@pytest.mark.parametrize("flag, value, shown", [("--lr", "0.4", "--lr 0.8"), ("--batch-size", "8", "--batch-size 16")])
+def test_resuming_a_fine_tuning_with_a_changed_setting_is_refused(colours, tmp_path, capsys, flag, value, shown):
+    out = str(tmp_path / "run")
+    transfer.main(argv_classify(colours, out, 1, "--init", "random"))
+    argv = argv_classify(colours, out, 2, "--init", "random")
+    argv[argv.index(flag) + 1] = value
+    with pytest.raises(SystemExit) as stopped:
+        transfer.main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and f"other settings ({shown})" in err
 
 
 def _classify_two_processes(rank, world_size, data, out):
@@ -299,7 +323,7 @@ def test_a_detection_in_an_image_without_that_class_is_a_false_positive():
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    return transfer.make_demo_voc(str(tmp_path_factory.mktemp("voc") / "voc"), train07=6, test07=5, train12=4)
+    return demo_data.make_demo_voc(str(tmp_path_factory.mktemp("voc") / "voc"), train07=6, test07=5, train12=4)
 
 
 def test_demo_voc_is_read_by_torchvision_voc_detection(voc):

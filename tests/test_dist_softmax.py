@@ -1,4 +1,5 @@
 """dist_softmax.py against a plain float64 single-process reference, on 1-3 gloo processes."""
+import itertools
 import os
 
 import pytest
@@ -57,34 +58,37 @@ CASES = [(alpha, chunk) for alpha in (0.0, 0.2) for chunk in (None, 3)]
 
 
 def check_against_reference(rank, world_size):
-    """Loss, feature, classifier-row and DDP-backbone gradients equal the float64 reference."""
+    """Loss, feature, classifier-row and DDP-backbone gradients equal the float64 reference: computed
+    in fp32 (what training uses) to fp32 accuracy, and in float64 (float64 inputs) to 1e-10."""
     inputs, labels, hard, weight, backbone_weight = make_problem(world_size)
     mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    for alpha, chunk in CASES:
+    for (alpha, chunk), (dtype, rtol, atol) in itertools.product(
+            CASES, [(torch.float32, 1e-4, 1e-6), (torch.float64, 1e-10, 1e-12)]):
         ref_loss, ref_feat_grad, ref_w_grad, ref_backbone_grad = reference_gradients(
             inputs, labels, hard, weight, backbone_weight, alpha)
-        classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU, chunk_size=chunk)
+        classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU, chunk_size=chunk).to(dtype)
         assert (classifier.start, classifier.end) == shard_range(NUM_CLASSES, rank, world_size)
         with torch.no_grad():
             classifier.weight.copy_(weight[classifier.start:classifier.end])
-        backbone = nn.Linear(6, DIM, bias=False).double()
+        backbone = nn.Linear(6, DIM, bias=False).to(dtype)
         with torch.no_grad():
             backbone.weight.copy_(backbone_weight)
         if world_size > 1:
             backbone = DistributedDataParallel(backbone)
-        features = backbone(inputs[mine])
+        features = backbone(inputs[mine].to(dtype))
         features.retain_grad()
         loss = classifier(features, labels[mine], hard[mine], alpha=alpha)
         loss.backward()
-        where = f"rank {rank}/{world_size}, alpha {alpha}, chunk {chunk}"
-        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=lambda m: where + "\n" + m)
+        assert loss.dtype == dtype
+        where = f"rank {rank}/{world_size}, alpha {alpha}, chunk {chunk}, {dtype}"
+        close = dict(rtol=rtol, atol=atol, msg=lambda m: where + "\n" + m)
+        torch.testing.assert_close(loss.double(), ref_loss, **close)
         # Gradient contract: exact backbone gradients after DDP's average ...
-        torch.testing.assert_close(backbone.weight.grad if world_size == 1 else backbone.module.weight.grad,
-                                   ref_backbone_grad, rtol=1e-4, atol=1e-6, msg=lambda m: where + "\n" + m)
+        torch.testing.assert_close((backbone.weight.grad if world_size == 1 else backbone.module.weight.grad).double(),
+                                   ref_backbone_grad, **close)
         # ... because the features receive W x dL/dx, and each local row exactly dL/dw.
-        torch.testing.assert_close(features.grad, world_size * ref_feat_grad[mine], rtol=1e-4, atol=1e-6, msg=lambda m: where + "\n" + m)
-        torch.testing.assert_close(classifier.weight.grad.double(), ref_w_grad[classifier.start:classifier.end],
-                                   rtol=1e-4, atol=1e-6, msg=lambda m: where + "\n" + m)
+        torch.testing.assert_close(features.grad.double(), world_size * ref_feat_grad[mine], **close)
+        torch.testing.assert_close(classifier.weight.grad.double(), ref_w_grad[classifier.start:classifier.end], **close)
 
 
 def test_shard_range_is_contiguous_and_balanced():

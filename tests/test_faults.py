@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import demo_data
 from helpers import ROOT, free_port, run_script, stage
 
 extract = stage("01_extract_init")
@@ -28,7 +29,7 @@ STAGES = ["01_extract_init", "02_pretrain", "03_hard_classes", "04_linear_eval",
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("faults") / "demo")
-    return extract.make_demo_dataset(root, num_classes=3, train_per_class=6, val_per_class=2, image_size=SIZE)
+    return demo_data.make_demo_dataset(root, num_classes=3, train_per_class=6, val_per_class=2, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_a_file_with_an_image_name_that_is_not_an_image_is_one_line_naming_it(da
     ("04_linear_eval", ["--knn", "--pretrained", "random"]),
 ])
 def test_a_run_folder_made_from_other_data_is_one_line(script, extra, run, tmp_path):
-    other = extract.make_demo_dataset(str(tmp_path / "other"), num_classes=2, train_per_class=6,
+    other = demo_data.make_demo_dataset(str(tmp_path / "other"), num_classes=2, train_per_class=6,
                                       val_per_class=2, image_size=SIZE)
     done = run_script(script, [*network(run, other), *extra])
     assert_one_line_failure(done, "18", other)
@@ -165,7 +166,7 @@ def test_02_refuses_a_checkpoint_of_another_architecture(data, run, tmp_path):
 
 
 def test_02_refuses_a_checkpoint_with_another_class_count(data, run, tmp_path):
-    other = extract.make_demo_dataset(str(tmp_path / "other"), num_classes=2, train_per_class=6,
+    other = demo_data.make_demo_dataset(str(tmp_path / "other"), num_classes=2, train_per_class=6,
                                       val_per_class=0, image_size=SIZE)
     other_run = str(tmp_path / "other_run")
     extract.main([*network(other_run, other), "--diagnostic-samples", "6"])
