@@ -134,7 +134,7 @@ def main(argv=None):
         if hard_classes is not None:
             # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's rows).
             t0 = time.perf_counter()
-            table = hard_classes.mine_hard_classes(classifier, k)
+            table, _ = hard_classes.mine_hard_classes(classifier, k)
             log(f"epoch {epoch}: {k} hard classes per instance mined in {time.perf_counter() - t0:.1f} s")
         record = train_one_epoch(model, classifier, optimizers, loader, table, hard_classes, args, epoch,
                                  base_lr, global_step, device)

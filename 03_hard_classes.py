@@ -53,9 +53,8 @@ parser.add_argument("--chunk-size", type=int, default=None,
 parser.add_argument("--grid-rows", type=int, default=8, help="anchors in hard_classes.png (drawn with --seed)")
 parser.add_argument("--grid-cols", type=int, default=8, help="hardest negatives shown per anchor")
 
-GROUP = 16  # strided columns per group maximum in the candidate filter (see _candidates)
+GROUP = 16  # columns per group maximum in the candidate filter (see candidates)
 DEFAULT_CHUNK = {"cpu": 2048, "cuda": 8192}  # rows and columns per similarity block
-DENSE = 1024  # columns of a plain top-k that set each row's first threshold
 
 
 @torch.no_grad()
@@ -98,7 +97,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    similarity, table = _mine(classifier, args.hard_k, args.chunk_size)
+    table, similarity = mine_hard_classes(classifier, args.hard_k, args.chunk_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -134,15 +133,150 @@ def main(argv=None):
 
 @torch.no_grad()
 def mine_hard_classes(classifier, k, chunk_size=None):
-    """Global ids [end - start, k] of the k classes most cosine-similar to each local row, most
-    similar first, never the row itself. Collective: every rank must call it.
+    """(ids, similarities), each [end - start, k]: the k classes most cosine-similar to each of this
+    rank's rows, most similar first, never the row itself (global ids). Collective: every rank calls it.
 
-    Each owner in turn broadcasts its normalised shard (the buffer is sized by shard_range, so
-    uneven shards need no padding exchange); every rank scores its own rows against it in
-    chunk x chunk blocks and keeps a running top-k. Memory beyond the result: one shard of rows
-    and one chunk x chunk block per CPU thread, whatever N is; never an N x N matrix.
+    Stream every shard's rows, keep a running top-k: each owner in turn broadcasts its normalised
+    rows, and every rank scores its own rows against them in chunk x chunk blocks, keeping each
+    row's k best so far (RunningTopK). Memory beyond the result: one shard of rows and one block per
+    CPU thread, never an N x N matrix. On CPU the threads take whole blocks of rows, one thread
+    each: the filter's many small operations gain little from torch's own threads."""
+    if not 1 <= k < classifier.num_classes:
+        raise ValueError(f"k = {k} hard classes need 1 <= k < num_classes = {classifier.num_classes}")
+    w = F.normalize(classifier.weight.detach().float(), dim=1)
+    device, world = w.device, classifier.world_size
+    chunk = -(-(chunk_size or DEFAULT_CHUNK.get(device.type, 2048)) // GROUP) * GROUP  # whole groups
+    top = RunningTopK(len(w), k, device)
+    row_blocks = [(r0, min(r0 + chunk, len(w))) for r0 in range(0, len(w), chunk)]
+    # One owner's rows at a time, plus GROUP zero rows so that every column block is whole groups.
+    shard = w.new_zeros(dsm.shard_range(classifier.num_classes, 0, world)[1] + GROUP, w.shape[1])
+    for owner in range(world):
+        o_start, o_end = dsm.shard_range(classifier.num_classes, owner, world)
+        if owner == classifier.rank:
+            shard[:o_end - o_start] = w
+        if world > 1:
+            dist.broadcast(shard[:o_end - o_start], src=owner)
+        for_each_block(row_blocks, device, lambda r0, r1: score_rows(
+            w, r0, r1, shard, o_start, o_end, classifier.start, chunk, top))
+    return top.result()
+
+
+def score_rows(w, r0, r1, shard, o_start, o_end, start, chunk, top):
+    """Scores of local rows r0..r1 against the owner's rows [o_start, o_end), block by block, into top."""
+    buffer = scratch(w.device, (r1 - r0) * chunk)
+    for c0 in range(0, o_end - o_start, chunk):
+        c1 = min(c0 + chunk, o_end - o_start)
+        width = -(-(c1 - c0) // GROUP) * GROUP
+        scores = torch.mm(w[r0:r1], shard[c0:c0 + width].t(), out=buffer[:(r1 - r0) * width].view(r1 - r0, width))
+        scores[:, c1 - c0:] = float("-inf")  # padding columns
+        lo, hi = max(start + r0, o_start + c0), min(start + r1, o_start + c1)
+        if lo < hi:  # a class is never its own hard class
+            own = torch.arange(lo, hi, device=w.device)
+            scores[own - start - r0, own - o_start - c0] = float("-inf")
+        top.add(r0, r1, scores, o_start + c0)
+    top.flush(r0, r1)
+
+
+def for_each_block(row_blocks, device, fn):
+    """fn(r0, r1) for every block of rows: on CPU over a pool of threads, one block and one torch
+    thread each; on GPU in order, on one stream."""
+    workers = min(torch.get_num_threads(), len(row_blocks)) if device.type == "cpu" else 1
+    if workers == 1:
+        for r0, r1 in row_blocks:
+            fn(r0, r1)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda block: fn(*block), row_blocks))
+    finally:
+        torch.set_num_threads(threads)
+
+
+_scratch = threading.local()
+
+
+def scratch(device, numel):
+    """A reusable float32 buffer of this thread for one block of scores (no allocation per block)."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.device != device or buffer.numel() < numel:
+        _scratch.buffer = buffer = torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer
+
+
+class RunningTopK:
+    """Each row's k largest scores so far and their column ids, fed one block of scores at a time.
+
+    Sorting every block would cost more than the product that made it. Once a row has k scores, only
+    entries at or above its k-th best can enter, and after the first few thousand columns those are
+    few: add() finds them through the maxima of GROUP strided columns (one cheap pass; only groups
+    whose maximum passes are read again) and parks them; flush() or a full parking merges them with
+    one top-k. Rows r0..r1 of one add() belong to one thread; different threads own different rows.
     """
-    return _mine(classifier, k, chunk_size)[1]
+
+    def __init__(self, rows, k, device):
+        self.values = torch.full((rows, k), float("-inf"), dtype=torch.float32, device=device)
+        self.ids = torch.full((rows, k), -1, dtype=torch.long, device=device)
+        self.threshold = torch.full((rows,), float("-inf"), dtype=torch.float32, device=device)  # k-th best
+        self.parked = {}  # r0 -> (list of (row, slot, id, value) tensors, count per row)
+
+    def add(self, r0, r1, scores, first_id):
+        rows = slice(r0, r1)
+        if not torch.isfinite(self.threshold[rows]).all():  # the rows' first columns: merge them all
+            ids = torch.arange(first_id, first_id + scores.shape[1], device=scores.device)
+            self._merge(rows, scores, ids.expand_as(scores))
+            return
+        row, col, value = candidates(scores, self.threshold[rows])
+        if row.numel() == 0:
+            return
+        parked, count = self.parked.setdefault(r0, ([], torch.zeros(r1 - r0, dtype=torch.long, device=scores.device)))
+        # row comes out sorted, so each candidate's slot is its row's earlier count + its rank in the row.
+        per_row = torch.bincount(row, minlength=r1 - r0)
+        slot = count[row] + torch.arange(row.numel(), device=row.device) - (torch.cumsum(per_row, 0) - per_row)[row]
+        parked.append((row, slot, col + first_id, value))
+        count += per_row
+        # Merging raises the thresholds but re-sorts k entries per row: wait until the rows hold k
+        # candidates on average (or one row holds 4k).
+        if int(count.sum()) >= (r1 - r0) * self.values.shape[1] or int(count.max()) >= 4 * self.values.shape[1]:
+            self.flush(r0, r1)
+
+    def flush(self, r0, r1):
+        """Merge the parked candidates of rows r0..r1."""
+        if r0 not in self.parked:
+            return
+        parked, count = self.parked.pop(r0)
+        values = torch.full((r1 - r0, int(count.max())), float("-inf"), dtype=torch.float32, device=count.device)
+        ids = torch.full_like(values, -1, dtype=torch.long)
+        for row, slot, col, value in parked:
+            values[row, slot], ids[row, slot] = value, col
+        self._merge(slice(r0, r1), values, ids)
+
+    def _merge(self, rows, values, ids):
+        top, pick = torch.cat([self.values[rows], values], 1).topk(self.values.shape[1], dim=1, sorted=False)
+        self.ids[rows] = torch.cat([self.ids[rows], ids], 1).gather(1, pick)
+        self.values[rows] = top
+        self.threshold[rows] = top.amin(1)
+
+    def result(self):
+        """(ids, values) of every row, most similar first."""
+        order = self.values.argsort(dim=1, descending=True)
+        return self.ids.gather(1, order), self.values.gather(1, order)
+
+
+def candidates(scores, threshold):
+    """(row, column, value) of the entries of scores [r, c] (c a multiple of GROUP) at or above their
+    row's threshold, rows sorted: through the maxima of GROUP columns c / GROUP apart."""
+    rows, width = scores.shape
+    stride = width // GROUP
+    groups = scores.view(rows, GROUP, stride)
+    hit_row, hit_col = (groups.amax(1) >= threshold[:, None]).nonzero(as_tuple=True)
+    if 2 * hit_row.numel() > rows * stride:  # most groups pass: test every entry instead
+        r, c = (scores >= threshold[:, None]).nonzero(as_tuple=True)
+        return r, c, scores[r, c]
+    values = groups[hit_row, :, hit_col]  # [hits, GROUP]
+    pick, member = (values >= threshold[hit_row, None]).nonzero(as_tuple=True)
+    return hit_row[pick], member * stride + hit_col[pick], values[pick, member]
 
 
 @torch.no_grad()
@@ -164,139 +298,6 @@ def lookup_hard_classes(table, labels, classifier):
     contrib[mine] = table[rows[mine]]
     # reduce_scatter (sum): rank r receives the sum over ranks of rows [r*b, (r+1)*b) = its answer.
     return dsm.reduce_scatter_rows(contrib)
-
-
-def _mine(classifier, k, chunk_size=None):
-    """(similarity [n, k] float32, ids [n, k] int64) of the top-k other classes of each local row."""
-    w = classifier.weight.detach()
-    device, n_local, dim = w.device, w.shape[0], w.shape[1]
-    num_classes, world, rank, start = (classifier.num_classes, classifier.world_size,
-                                       classifier.rank, classifier.start)
-    if not 1 <= k < num_classes:
-        raise ValueError(f"k = {k} hard classes need 1 <= k < num_classes = {num_classes}")
-    chunk = -(-(chunk_size or DEFAULT_CHUNK.get(device.type, 2048)) // GROUP) * GROUP
-    w_norm = F.normalize(w.float(), dim=1)
-
-    best_val = torch.full((n_local, k), float("-inf"), dtype=torch.float32, device=device)
-    best_idx = torch.full((n_local, k), -1, dtype=torch.long, device=device)
-    threshold = torch.full((n_local,), float("-inf"), dtype=torch.float32, device=device)  # running k-th best per row
-    row_chunks = [(r0, min(r0 + chunk, n_local)) for r0 in range(0, n_local, chunk)]
-    started = [False] * len(row_chunks)
-    # One owner's shard at a time, plus GROUP spare rows so every column block is whole groups.
-    shard = torch.zeros(n_local + 1 + GROUP, dim, dtype=torch.float32, device=device)
-    local = threading.local()
-
-    def scan(ci, o_start, o_end):
-        """Stream the owner's columns [o_start, o_end) past local row chunk ci."""
-        r0, r1 = row_chunks[ci]
-        rows = slice(r0, r1)
-        if not hasattr(local, "scores"):
-            local.scores = torch.empty(min(chunk, n_local) * chunk, dtype=torch.float32, device=device)
-        pending, pending_count = [], torch.zeros(r1 - r0, dtype=torch.long, device=device)
-        for c0 in range(o_start, o_end, chunk):
-            c1 = min(c0 + chunk, o_end)
-            width = -(-(c1 - c0) // GROUP) * GROUP
-            s = local.scores[:(r1 - r0) * width].view(r1 - r0, width)
-            torch.mm(w_norm[rows], shard[c0 - o_start:c0 - o_start + width].t(), out=s)
-            s[:, c1 - c0:] = float("-inf")  # padding columns
-            lo, hi = max(start + r0, c0), min(start + r1, c1)
-            if lo < hi:  # a class is never its own hard negative
-                diag = torch.arange(lo, hi, device=device)
-                s[diag - start - r0, diag - c0] = float("-inf")
-            dense = 0
-            if not started[ci]:
-                # The first columns seen: a plain top-k sets a finite threshold to filter with.
-                dense, started[ci] = min(width, DENSE), True
-                _merge(best_val[rows], best_idx[rows], threshold[rows],
-                       [(s[:, :dense], torch.arange(c0, c0 + dense, device=device).expand(r1 - r0, -1))])
-            r, c, v = _candidates(s, threshold[rows], dense)
-            if r.numel():
-                # r comes out sorted, so each candidate's slot in its row's pending list is the
-                # row's earlier count plus its rank within this block.
-                counts = torch.bincount(r, minlength=r1 - r0)
-                within = torch.arange(r.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[r]
-                pending.append((r, pending_count[r] + within, c + c0, v))
-                pending_count += counts
-                # Merging raises the thresholds but re-sorts k entries per row: merge once the rows
-                # hold k pending candidates on average (or one of them holds many).
-                if int(pending_count.sum()) >= (r1 - r0) * k or int(pending_count.max()) >= 4 * k:
-                    _merge_pending(best_val[rows], best_idx[rows], threshold[rows], pending, pending_count)
-                    pending = []
-        if pending:
-            _merge_pending(best_val[rows], best_idx[rows], threshold[rows], pending, pending_count)
-
-    # On CPU the filter's small ops scale poorly across threads, so the cores take whole row
-    # chunks instead (one thread each); on GPU one stream does it all.
-    workers = min(torch.get_num_threads(), len(row_chunks)) if device.type == "cpu" else 1
-    threads_before = torch.get_num_threads()
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
-        if pool:
-            torch.set_num_threads(1)
-        for owner in range(world):
-            o_start, o_end = dsm.shard_range(num_classes, owner, world)
-            if owner == rank:
-                shard[:o_end - o_start] = w_norm
-            if world > 1:
-                dist.broadcast(shard[:o_end - o_start], src=owner)
-            if pool:
-                list(pool.map(lambda ci: scan(ci, o_start, o_end), range(len(row_chunks))))
-            else:
-                for ci in range(len(row_chunks)):
-                    scan(ci, o_start, o_end)
-    finally:
-        if pool:
-            pool.shutdown()
-            torch.set_num_threads(threads_before)
-
-    order = best_val.argsort(dim=1, descending=True)
-    return best_val.gather(1, order), best_idx.gather(1, order)
-
-
-def _candidates(s, thr, skip):
-    """(row, column, value) of the entries of s [r, c] at or above their row's threshold, columns
-    from `skip` on; rows come out sorted.
-
-    Sorting every row of s would cost more than the product that made it, so this filters instead:
-    each row's maxima over GROUP strided columns (j, j + c/GROUP, ...) take one cheap vectorised
-    pass, and only the groups whose maximum passes are read again. Past the first few thousand
-    columns the threshold is high enough that few groups pass.
-    """
-    rows, width = s.shape
-    if skip:
-        r, c = (s[:, skip:] >= thr[:, None]).nonzero(as_tuple=True)
-        return r, c + skip, s[r, c + skip]
-    stride = width // GROUP
-    groups = s.view(rows, GROUP, stride)
-    hit_row, hit_col = (groups.amax(1) >= thr[:, None]).nonzero(as_tuple=True)
-    if 2 * hit_row.numel() > rows * stride:  # most groups pass: test every entry instead
-        r, c = (s >= thr[:, None]).nonzero(as_tuple=True)
-        return r, c, s[r, c]
-    vals = groups[hit_row, :, hit_col]  # [hits, GROUP]
-    pick, member = (vals >= thr[hit_row, None]).nonzero(as_tuple=True)
-    return hit_row[pick], member * stride + hit_col[pick], vals[pick, member]
-
-
-def _merge_pending(best_val, best_idx, threshold, pending, pending_count):
-    """Merge pending candidates [(row, slot, column, value), ...] into the rows' running top-k."""
-    width = int(pending_count.max())
-    new_val = torch.full((best_val.shape[0], width), float("-inf"), dtype=best_val.dtype, device=best_val.device)
-    new_idx = torch.full((best_val.shape[0], width), -1, dtype=torch.long, device=best_val.device)
-    for row, slot, col, val in pending:
-        new_val[row, slot] = val
-        new_idx[row, slot] = col
-    pending_count.zero_()
-    _merge(best_val, best_idx, threshold, [(new_val, new_idx)])
-
-
-def _merge(best_val, best_idx, threshold, blocks):
-    """Running top-k of each row (in place) over itself and dense (values, ids) blocks."""
-    merged_val = torch.cat([best_val] + [v for v, _ in blocks], 1)
-    merged_idx = torch.cat([best_idx] + [i for _, i in blocks], 1)
-    top_val, top_pos = merged_val.topk(best_val.shape[1], dim=1, sorted=False)
-    best_val.copy_(top_val)
-    best_idx.copy_(merged_idx.gather(1, top_pos))
-    threshold.copy_(top_val.amin(1))
 
 
 # ---------------------------------------------------------------- report helpers

@@ -155,7 +155,7 @@ class InstanceStep:
                                    ids.repeat_interleave(2), hard, self.alpha, self.amp)
 
     def mine(self):
-        self.table = self.hard.mine_hard_classes(self.classifier, self.k)
+        self.table, _ = self.hard.mine_hard_classes(self.classifier, self.k)
 
 
 class SupervisedStep:

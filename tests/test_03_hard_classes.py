@@ -57,26 +57,26 @@ def check_table(w, table, start, end, k):
 
 def test_single_process_equals_float64_brute_force_top_k():
     w = weights(23, 8)
-    check_table(w, hard.mine_hard_classes(classifier_with(w), 5), 0, 23, 5)
+    check_table(w, hard.mine_hard_classes(classifier_with(w), 5)[0], 0, 23, 5)
 
 
 def test_filtered_multi_block_stream_equals_brute_force():
     # 1500 rows in 128 x 128 blocks: the dense start, the strided group filter and the merges all run.
     w = weights(1500, 16, seed=1)
-    check_table(w, hard.mine_hard_classes(classifier_with(w), 20, chunk_size=128), 0, 1500, 20)
+    check_table(w, hard.mine_hard_classes(classifier_with(w), 20, chunk_size=128)[0], 0, 1500, 20)
 
 
 def test_many_exact_ties_still_give_the_brute_force_similarities():
     w = weights(12, 8, seed=2)[torch.arange(600) % 12]  # 50 identical copies of each of 12 rows
     w = w * torch.rand(600, 1, generator=torch.Generator().manual_seed(3)).add(0.5)  # rescaled copies
-    check_table(w, hard.mine_hard_classes(classifier_with(w), 60, chunk_size=128), 0, 600, 60)
+    check_table(w, hard.mine_hard_classes(classifier_with(w), 60, chunk_size=128)[0], 0, 600, 60)
 
 
 def test_chunked_equals_unchunked():
     w = weights(700, 16, seed=4)
     classifier = classifier_with(w)
-    whole = hard.mine_hard_classes(classifier, 30)  # one 700 x 700 block
-    chunked = hard.mine_hard_classes(classifier, 30, chunk_size=64)
+    whole = hard.mine_hard_classes(classifier, 30)[0]  # one 700 x 700 block
+    chunked = hard.mine_hard_classes(classifier, 30, chunk_size=64)[0]
     rows = torch.arange(700)
     torch.testing.assert_close(similarity_of(w, rows, chunked), similarity_of(w, rows, whole), atol=1e-6, rtol=0)
 
@@ -85,7 +85,7 @@ def test_two_cpu_threads_split_the_rows_and_agree_with_brute_force():
     w = weights(900, 16, seed=5)
     torch.set_num_threads(2)
     try:
-        table = hard.mine_hard_classes(classifier_with(w), 10, chunk_size=128)
+        table = hard.mine_hard_classes(classifier_with(w), 10, chunk_size=128)[0]
     finally:
         torch.set_num_threads(1)
     check_table(w, table, 0, 900, 10)
@@ -98,8 +98,10 @@ def test_k_must_leave_the_class_itself_out():
 
 def _mine_worker(rank, world, w, k, chunk, twins):
     classifier = classifier_with(w)
-    table = hard.mine_hard_classes(classifier, k, chunk_size=chunk)
+    table, similarity = hard.mine_hard_classes(classifier, k, chunk_size=chunk)
     check_table(w, table, classifier.start, classifier.end, k)
+    torch.testing.assert_close(similarity.double(), reference_similarity(w, k)[classifier.start:classifier.end],
+                               atol=1e-5, rtol=0)
     for a, b in twins:  # a scaled copy is the top neighbour of its original, and back
         for i, j in ((a, b), (b, a)):
             if classifier.start <= i < classifier.end:
