@@ -35,10 +35,11 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
-import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -48,8 +49,43 @@ from torchvision import transforms
 
 import dist_softmax as dsm
 
+fail = dsm.fail  # one line on stderr naming the problem and the fix, exit code 2
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every stage's conventions: the docstring as --help, and a bad argument stopping
+    with one line (no usage block), exit code 2."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        fail(f"{message}; see --help")
+
+
+def number(kind, low=None, high=None, open_low=False, open_high=False):
+    """An argparse type: a finite int or float within [low, high] ((low, high] with open_low, ...), else
+    one line that says what it must be."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if (value is None or not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low))
+                or (high is not None and (value >= high if open_high else value > high))):
+            bounds = [f"{'>' if open_low else '>='} {low}" if low is not None else "",
+                      f"{'<' if open_high else '<='} {high}" if high is not None else ""]
+            shape = "a whole number" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {shape} {' and '.join(b for b in bounds if b)}".strip())
+        return value
+    return parse
+
+
+POSITIVE, COUNT = number(int, 1), number(int, 0)  # --epochs, --batch-size...; --workers
+RATE, NON_NEGATIVE, FRACTION = number(float, 0, open_low=True), number(float, 0), number(float, 0, 1, open_high=True)
 
 
 def add_common_args(parser, epochs, batch_size, data_required=True):
@@ -58,113 +94,110 @@ def add_common_args(parser, epochs, batch_size, data_required=True):
                         help="dataset root holding train/ (and val/ for evaluation), ImageFolder layout")
     parser.add_argument("--out", default="run", metavar="RUN", help="run folder shared by all stages")
     parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
-    parser.add_argument("--image-size", type=int, default=224,
-                        help="crop side; <= 64 uses the small-image stem (3x3 stride-1 conv1, no max-pool)")
+    parser.add_argument("--image-size", type=number(int, 8), default=224,
+                        help="crop side, 8 or more; <= 64 uses the small-image stem (3x3 stride-1 conv1, no max-pool)")
     if epochs is not None:
-        parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size,
+        parser.add_argument("--epochs", type=POSITIVE, default=epochs)
+    parser.add_argument("--batch-size", type=POSITIVE, default=batch_size,
                         help="global batch in instances, split evenly over the processes")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
                         help="data-loading processes per training process")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number(int, 0, 2**31 - 1), default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = Parser(__doc__)
 add_common_args(parser, epochs=None, batch_size=4096)
 parser.add_argument("--bn", default="running", choices=["running", "fixed"],
                     help="BN in training mode during the pass (the paper's running BNs) or in eval mode")
 parser.add_argument("--init", default="raw", choices=["raw", "random"],
                     help="raw: rows = embeddings from the pass; random: Gaussian rows, no pass")
-parser.add_argument("--dim", type=int, default=128, help="embedding size D")
+parser.add_argument("--dim", type=POSITIVE, default=128, help="embedding size D")
 parser.add_argument("--head", default="mlp", choices=["mlp", "linear"],
                     help="the 2-layer MLP head, or one linear layer (Table 2's 'no MLP head' row)")
-parser.add_argument("--diagnostic-samples", type=int, default=1000,
+parser.add_argument("--overwrite", action="store_true",
+                    help="replace the init.pt of a run folder that 02 has already trained in (RUN/checkpoint.pt)")
+parser.add_argument("--diagnostic-samples", type=POSITIVE, default=1000,
                     help="queries for the retrieval check and instances for the cosine gap")
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    owns_group = not torch.distributed.is_initialized()  # a caller's group is left to the caller
-    device = dsm.init_distributed(args.device)
-    world = dsm.get_world_size()
-    log = print if dsm.is_main() else (lambda *a, **k: None)
+    with dsm.stage(args.out, args.device) as device:
+        world = dsm.get_world_size()
+        log = print if dsm.is_main() else (lambda *a, **k: None)
 
-    # ---- data ----
-    train_dir = os.path.join(args.data, "train")
-    paths, labels, classes = list_images(train_dir)
-    n = len(paths)
-    if n < 2 * world:
-        fail(f"{train_dir} holds {n} images, fewer than 2 per process for {world} processes; use fewer processes")
-    os.makedirs(args.out, exist_ok=True)
-    fingerprint = check_data_fingerprint(args.out, paths, args.data)
-    local_batch = resolve_rank_batch(args.batch_size, world)
-    if args.init == "raw" and -(-n // local_batch) < world:
-        fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
-             f"{n} images; use --batch-size {world * (n // world)} or less")
-    if args.init == "raw" and args.bn == "running" and local_batch < 2:
-        fail(f"--batch-size {args.batch_size} gives each process batches of 1, which BN in training mode "
-             f"cannot normalise; use --batch-size {2 * world} or more")
-    log(f"01_extract_init: {n} instances, {len(classes)} folder classes, {world} process(es) on {device}, "
-        f"batch {args.batch_size} ({local_batch} per process), init {args.init}, BN {args.bn}")
-    log("args: " + json.dumps(vars(args), sort_keys=True))
+        # ---- data ----
+        train_dir = os.path.join(args.data, "train")
+        paths, labels, classes = list_images(train_dir)
+        n = len(paths)
+        if n < 2 * world:
+            fail(f"{train_dir} holds {n} images, fewer than 2 per process for {world} processes; use fewer processes")
+        trained = os.path.join(args.out, "checkpoint.pt")
+        if os.path.isfile(trained) and not args.overwrite:
+            fail(f"{args.out} holds a trained run ({trained}); 01 would replace the init.pt it started from; pass a "
+                 "new --out, or --overwrite to replace init.pt (02 then still resumes from checkpoint.pt)")
+        fingerprint = check_data_fingerprint(args.out, paths, args.data)
+        local_batch = resolve_rank_batch(args.batch_size, world)
+        if args.init == "raw" and -(-n // local_batch) < world:
+            fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
+                 f"{n} images; use --batch-size {world * (n // world)} or less")
+        if args.init == "raw" and args.bn == "running" and local_batch < 2:
+            fail(f"--batch-size {args.batch_size} gives each process batches of 1, which BN in training mode "
+                 f"cannot normalise; use --batch-size {2 * world} or more")
+        log(f"01_extract_init: {n} instances, {len(classes)} folder classes, {world} process(es) on {device}, "
+            f"batch {args.batch_size} ({local_batch} per process), init {args.init}, BN {args.bn}")
+        log("args: " + json.dumps(vars(args), sort_keys=True))
 
-    # ---- network ----
-    torch.manual_seed(args.seed)  # the same initial network on every rank
-    net = EmbeddingNet(args.arch, args.image_size, args.dim, args.head).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    net.requires_grad_(False)  # everything frozen; only BN running statistics may move
-    classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
-    start, end = classifier.start, classifier.end
+        # ---- network ----
+        torch.manual_seed(args.seed)  # the same initial network on every rank
+        net = EmbeddingNet(args.arch, args.image_size, args.dim, args.head).to(device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        net.requires_grad_(False)  # everything frozen; only BN running statistics may move
+        classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
+        start, end = classifier.start, classifier.end
 
-    # ---- the pass: shuffled batches, each row sent to the rank that owns it ----
-    t0 = time.perf_counter()
-    if args.init == "raw":
-        net.train(args.bn == "running")
-        if args.bn == "running":
-            track_bn_averages(net)  # the saved statistics: the average over the whole pass
-        ids, embeddings = zip(*prior_pass(net, paths, eval_transform(args.image_size), local_batch,
-                                          args.workers, device, args.seed))
-        rows = dsm.send_rows_to_owners(torch.cat(ids), torch.cat(embeddings), n)
-        if args.bn == "running":
-            merge_bn_averages(net)  # one network state for the run, whatever the process count
-    else:
-        rows = gaussian_rows(start, end, args.dim, args.seed).to(device)
-    # Unit rows: the cosine logits ignore a row's length, but its SGD step scales with 1/|w|^2,
-    # so every arm starts at the same scale whatever the raw embeddings' norm.
-    with torch.no_grad():
-        classifier.weight.copy_(F.normalize(rows.float(), dim=1))
-    log(f"rows ready in {time.perf_counter() - t0:.1f} s")
+        # ---- the pass: shuffled batches, each row sent to the rank that owns it ----
+        t0 = time.perf_counter()
+        if args.init == "raw":
+            net.train(args.bn == "running")
+            if args.bn == "running":
+                track_bn_averages(net)  # the saved statistics: the average over the whole pass
+            ids, embeddings = zip(*prior_pass(net, paths, eval_transform(args.image_size), local_batch,
+                                              args.workers, device, args.seed))
+            rows = dsm.send_rows_to_owners(torch.cat(ids), torch.cat(embeddings), n)
+            if args.bn == "running":
+                merge_bn_averages(net)  # one network state for the run, whatever the process count
+        else:
+            rows = gaussian_rows(start, end, args.dim, args.seed).to(device)
+        # Unit rows: the cosine logits ignore a row's length, but its SGD step scales with 1/|w|^2,
+        # so every arm starts at the same scale whatever the raw embeddings' norm.
+        with torch.no_grad():
+            classifier.weight.copy_(F.normalize(rows.float(), dim=1))
+        log(f"rows ready in {time.perf_counter() - t0:.1f} s")
 
-    # ---- save ----
-    state = dsm.gather_classifier(classifier)  # collective
-    if dsm.is_main():
-        network = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        path = os.path.join(args.out, "init.pt")
-        dsm.atomic_save({"network": network, "classifier": state, "args": vars(args),
-                         "fingerprint": fingerprint}, path)
-        log(f"wrote {path}: network + {n} x {args.dim} classifier rows")
+        # ---- save ----
+        state = dsm.gather_classifier(classifier)  # collective
+        if dsm.is_main():
+            network = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            path = os.path.join(args.out, "init.pt")
+            dsm.atomic_save({"network": network, "classifier": state, "args": vars(args),
+                             "fingerprint": fingerprint}, path)
+            log(f"wrote {path}: network + {n} x {args.dim} classifier rows")
 
-        # ---- diagnostics (rank 0, on the assembled rows) ----
-        if len(classes) > 1:
-            hits, chance, queries = retrieval_top1(state["weight"], labels, args.diagnostic_samples,
-                                                   args.seed, device)
-            log(f"raw-feature same-class top-1 retrieval: {100 * hits:.1f}% over {queries} queries "
-                f"(chance {100 * chance:.1f}%)")
-        same, other = view_cosine_gap(net, paths, args, device)
-        log(f"mean cosine, two views of one instance: {same:.4f}; of two instances: {other:.4f}; "
-            f"gap {same - other:.4f} (BN {args.bn})")
-    dsm.finish_distributed(owns_group)
+            # ---- diagnostics (rank 0, on the assembled rows) ----
+            if len(classes) > 1:
+                hits, chance, queries = retrieval_top1(state["weight"], labels, args.diagnostic_samples,
+                                                       args.seed, device)
+                log(f"raw-feature same-class top-1 retrieval: {100 * hits:.1f}% over {queries} queries "
+                    f"(chance {100 * chance:.1f}%)")
+            same, other = view_cosine_gap(net, paths, args, device)
+            log(f"mean cosine, two views of one instance: {same:.4f}; of two instances: {other:.4f}; "
+                f"gap {same - other:.4f} (BN {args.bn})")
 
 
 # ---------------------------------------------------------------- errors and data
-
-def fail(message):
-    """A one-line error on stderr and exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
 
 def load_run_file(path, needs=(), fix="rerun the stage that writes it"):
     """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
@@ -189,11 +222,22 @@ def list_images(folder):
     """
     if not os.path.isdir(folder):
         fail(f"{folder} is not a folder; --data ROOT must hold train/ with one subfolder per class")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/"))
+
+    def unreadable(error):
+        fail(f"cannot read {error.filename} ({error.strerror}); make it readable or move it out of {folder}")
+
+    found, seen, skipped = [], set(), 0
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        folder_id = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
+        if folder_id in seen:  # a symbolic link back to a folder already listed (a loop, or a second path)
+            dirnames[:], skipped = [], skipped + 1
+            continue
+        seen.add(folder_id)
+        dirnames.sort()  # the first path to a folder wins, the same one every time
+        found += [os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
+                  for name in filenames if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if skipped and dsm.is_main():
+        print(f"note: {skipped} folder(s) below {folder} reached again through symbolic links were listed once")
     if not found:
         fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {folder}")
     found.sort()
@@ -210,8 +254,13 @@ def check_data_fingerprint(run_dir, paths, data_root):
     fingerprint = {"count": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest()}
     path = os.path.join(run_dir, "data.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            saved["count"], saved["sha256"]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            fail(f"{path} is not a data fingerprint ({type(e).__name__}: {e}); delete it and rerun with the "
+                 f"--data this run was made from")
         if (saved["count"], saved["sha256"]) != (fingerprint["count"], fingerprint["sha256"]):
             fail(f"{run_dir} was made from {saved['count']} training images ({saved.get('root', '?')}) but "
                  f"--data {data_root} lists {fingerprint['count']} different ones; pass the original --data "
@@ -241,13 +290,22 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            raise BadImageError(f"cannot read image {path} ({e}); remove or replace that file") from None
-        return self.transform(image), index if self.labels is None else self.labels[index]
+        return self.transform(load_rgb(self.paths[index])), index if self.labels is None else self.labels[index]
+
+
+def load_rgb(path):
+    """The image at `path` as 8-bit RGB. 16-bit, 32-bit and float images are scaled by their own range
+    (65535 for 16-bit values, else their maximum), not clipped to white; a file PIL cannot decode, or
+    one too large to decode safely (PIL's decompression-bomb guard), is a BadImageError naming it."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                pixels = np.asarray(image, dtype=np.float64)
+                top = 65535.0 if image.mode != "F" and pixels.max() <= 65535 else max(pixels.max(), 1e-12)
+                return Image.fromarray(np.clip(pixels / top * 255, 0, 255).astype(np.uint8)).convert("RGB")
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path} ({e}); remove or replace that file") from None
 
 
 @contextlib.contextmanager

@@ -36,8 +36,6 @@ Commands:
       02_pretrain.py --data /datasets/imagenet --out runs/in1k
 Run 01_extract_init.py with the same --data, --out, --arch and --image-size first.
 """
-import argparse
-import glob
 import importlib
 import json
 import math
@@ -55,21 +53,21 @@ from torch.nn.parallel import DistributedDataParallel
 import dist_softmax as dsm
 
 extract_init = importlib.import_module("01_extract_init")
-fail = extract_init.fail
+fail = dsm.fail
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=200, batch_size=4096)
-parser.add_argument("--lr", type=float, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
-parser.add_argument("--momentum", type=float, default=0.9)
-parser.add_argument("--weight-decay", type=float, default=1e-4)
-parser.add_argument("--warmup-epochs", type=float, default=10)
-parser.add_argument("--temperature", type=float, default=0.15, help="tau of Eq. 1")
-parser.add_argument("--alpha", type=float, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
-parser.add_argument("--hard-k", type=int, default=100, help="hard classes per instance, k of Eq. 2")
-parser.add_argument("--chunk-size", type=int, default=None,
+parser.add_argument("--lr", type=extract_init.RATE, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
+parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=1e-4)
+parser.add_argument("--warmup-epochs", type=extract_init.NON_NEGATIVE, default=10)
+parser.add_argument("--temperature", type=extract_init.number(float, 0.025), default=0.15, help="tau of Eq. 1")
+parser.add_argument("--alpha", type=extract_init.FRACTION, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
+parser.add_argument("--hard-k", type=extract_init.POSITIVE, default=100, help="hard classes per instance, k of Eq. 2")
+parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
                     help="classifier rows per logits block (bounds memory; default: all local rows)")
-parser.add_argument("--print-freq", type=int, default=10, help="steps between progress lines")
-parser.add_argument("--knn-every", type=int, default=None, metavar="E",
+parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=10, help="steps between progress lines")
+parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metavar="E",
                     help="kNN top-1 on ROOT/val every E epochs and after the last (default: the interval that "
                          "keeps its cost under 5%% of training; 0: never)")
 
@@ -81,102 +79,93 @@ KNN_BANK = 10000  # training images in the kNN curve's memory bank (and validati
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    check_arguments(args)
-    owns_group = not dist.is_initialized()  # a caller's group is left to the caller
-    device = dsm.init_distributed(args.device)
-    world = dsm.get_world_size()
-    log = print if dsm.is_main() else (lambda *a, **k: None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    with dsm.stage(args.out, args.device) as device:
+        world = dsm.get_world_size()
+        log = print if dsm.is_main() else (lambda *a, **k: None)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
-    # ---- data: instance i is image i of the sorted training list; two views each ----
-    paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
-    fingerprint = extract_init.check_data_fingerprint(args.out, paths, args.data)
-    settings = {"stage": "02_pretrain", "data": fingerprint["sha256"], **{k: getattr(args, k) for k in RESUME_SETTINGS}}
-    init = load_init(args)
-    local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
-    loader, sampler = training_loader(paths, args, local_batch, device)
+        # ---- data: instance i is image i of the sorted training list; two views each ----
+        paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
+        fingerprint = extract_init.check_data_fingerprint(args.out, paths, args.data)
+        settings = {"stage": "02_pretrain", "data": fingerprint["sha256"], **{k: getattr(args, k) for k in RESUME_SETTINGS}}
+        init = load_init(args, fingerprint)
+        local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
+        loader, sampler = training_loader(paths, args, local_batch, device)
 
-    # ---- networks: backbone + head in DDP (step 1), the sharded classifier outside it (steps 2-7) ----
-    made = init["args"]
-    net = extract_init.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made.get("head", "mlp"))
-    net.load_state_dict(init["network"])
-    net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
-    classifier = dsm.DistCosineSoftmax(len(paths), made["dim"], args.temperature, args.chunk_size).to(device)
-    dsm.load_classifier(classifier, init["classifier"])
-    del init
+        # ---- networks: backbone + head in DDP (step 1), the sharded classifier outside it (steps 2-7) ----
+        made = init["args"]
+        net = extract_init.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made.get("head", "mlp"))
+        net.load_state_dict(init["network"])
+        net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+        model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+        classifier = dsm.DistCosineSoftmax(len(paths), made["dim"], args.temperature, args.chunk_size).to(device)
+        dsm.load_classifier(classifier, init["classifier"])
+        del init
 
-    # ---- optimisers (step 8): one for the network, one for this rank's rows ----
-    base_lr = args.lr * args.batch_size / 4096
-    sgd = dict(lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizers = [torch.optim.SGD(net.parameters(), **sgd), torch.optim.SGD(classifier.parameters(), **sgd)]
-    log(f"02_pretrain: {len(paths)} instances, {world} process(es) on {device}, batch {args.batch_size} "
-        f"instances = {2 * args.batch_size} views ({local_batch} instances per process), {len(loader)} steps/epoch, "
-        f"lr {args.lr} x {args.batch_size}/4096 = {base_lr:.6g}")
-    log("args: " + json.dumps(vars(args), sort_keys=True))
-    if args.warmup_epochs >= args.epochs:
-        log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the lr never reaches {base_lr:.6g}")
-    hard_classes, k = hard_class_miner(args, len(paths), log)
-    knn = KnnCurve(args, paths, labels, classes, device, log)
+        # ---- optimisers (step 8): one for the network, one for this rank's rows ----
+        base_lr = args.lr * args.batch_size / 4096
+        sgd = dict(lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        optimizers = [torch.optim.SGD(net.parameters(), **sgd), torch.optim.SGD(classifier.parameters(), **sgd)]
+        log(f"02_pretrain: {len(paths)} instances, {world} process(es) on {device}, batch {args.batch_size} "
+            f"instances = {2 * args.batch_size} views ({local_batch} instances per process), {len(loader)} steps/epoch, "
+            f"lr {args.lr} x {args.batch_size}/4096 = {base_lr:.6g}")
+        log("args: " + json.dumps(vars(args), sort_keys=True))
+        if args.warmup_epochs >= args.epochs:
+            log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the lr never reaches {base_lr:.6g}")
+        hard_classes, k = hard_class_miner(args, len(paths), log)
+        knn = KnnCurve(args, paths, labels, classes, device, log)
 
-    # ---- resume ----
-    start_epoch, global_step = resume(args, settings, net, classifier, optimizers, log)
-    train_seconds = 0.0
+        # ---- resume ----
+        start_epoch, global_step = resume(args, settings, net, classifier, optimizers, log)
+        train_seconds = 0.0
 
-    # ---- the training loop ----
-    for epoch in range(start_epoch, args.epochs):
-        # The RNG state is a function of (--seed, epoch, rank): reseeding here makes a resumed epoch
-        # draw exactly the crops of an uninterrupted one, and needs no generator in the checkpoint.
-        seed_everything(step_seed(args.seed, epoch, dsm.get_rank()))
-        sampler.set_epoch(epoch)
-        table = None
-        if hard_classes is not None:
-            # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's rows).
-            t0 = time.perf_counter()
-            table, _ = hard_classes.mine_hard_classes(classifier, k)
-            log(f"epoch {epoch}: {k} hard classes per instance mined in {time.perf_counter() - t0:.1f} s")
-        record = train_one_epoch(model, classifier, optimizers, loader, table, hard_classes, args, epoch,
-                                 base_lr, global_step, device)
-        global_step, train_seconds = record["global_step"], train_seconds + record["epoch_s"]
-        if knn.due(epoch):
-            record["knn_top1"] = knn.measure(net.backbone, epoch)
-        save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step)
+        # ---- the training loop ----
+        for epoch in range(start_epoch, args.epochs):
+            # The RNG state is a function of (--seed, epoch, rank): reseeding here makes a resumed epoch
+            # draw exactly the crops of an uninterrupted one, and needs no generator in the checkpoint.
+            seed_everything(step_seed(args.seed, epoch, dsm.get_rank()))
+            dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in checkpoint.pt)"
+            sampler.set_epoch(epoch)
+            table = None
+            if hard_classes is not None:
+                # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's rows).
+                t0 = time.perf_counter()
+                table, _ = hard_classes.mine_hard_classes(classifier, k)
+                log(f"epoch {epoch}: {k} hard classes per instance mined in {time.perf_counter() - t0:.1f} s")
+            record = train_one_epoch(model, classifier, optimizers, loader, table, hard_classes, args, epoch,
+                                     base_lr, global_step, device)
+            global_step, train_seconds = record["global_step"], train_seconds + record["epoch_s"]
+            if knn.due(epoch):
+                record["knn_top1"] = knn.measure(net.backbone, epoch)
+            save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step)
+            if dsm.is_main():
+                write_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
+                log(f"epoch {epoch} done in {record['epoch_s']:.1f} s, mean loss {record['epoch_loss']:.4f}, "
+                    f"rows |w| {record['row_norm']:.4f} turning {record['row_turn_deg']:.3f} deg per visit"
+                    + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else "")
+                    + f"; wrote {os.path.join(args.out, 'checkpoint.pt')}")
+
+        # ---- the pretrained backbone, under torchvision's key names ----
+        knn.summary(train_seconds)
         if dsm.is_main():
-            write_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
-            log(f"epoch {epoch} done in {record['epoch_s']:.1f} s, mean loss {record['epoch_loss']:.4f}, "
-                f"rows |w| {record['row_norm']:.4f} turning {record['row_turn_deg']:.3f} deg per visit"
-                + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else "")
-                + f"; wrote {os.path.join(args.out, 'checkpoint.pt')}")
-
-    # ---- the pretrained backbone, under torchvision's key names ----
-    knn.summary(train_seconds)
-    if dsm.is_main():
-        backbone_path = os.path.join(args.out, "backbone.pt")
-        dsm.atomic_save({key: value.detach().cpu() for key, value in net.backbone.state_dict().items()},
-                        backbone_path)
-        log(f"wrote {backbone_path} ({args.arch}, {args.image_size} px)")
-    dsm.finish_distributed(owns_group)
+            backbone_path = os.path.join(args.out, "backbone.pt")
+            dsm.atomic_save({key: value.detach().cpu() for key, value in net.backbone.state_dict().items()},
+                            backbone_path)
+            log(f"wrote {backbone_path} ({args.arch}, {args.image_size} px)")
 
 
 # ---------------------------------------------------------------- setup
 
-def check_arguments(args):
-    if not 0 <= args.alpha < 1:
-        fail(f"--alpha {args.alpha} is outside [0, 1): it is the target mass moved to the hard classes (Eq. 2)")
-    if args.temperature < 0.025:
-        fail(f"--temperature {args.temperature} is below 0.025, where fp32 exp of the cosine logits "
-             "overflows; the paper uses 0.15")
-    if args.hard_k < 1 or args.print_freq < 1:
-        fail("--hard-k and --print-freq must be at least 1")
-
-
-def load_init(args):
-    """RUN/init.pt of 01 (network + rows), checked against this run's --arch and --image-size."""
+def load_init(args, fingerprint):
+    """RUN/init.pt of 01 (network + rows), checked against this run's data, --arch and --image-size."""
     init_path = os.path.join(args.out, "init.pt")
     if not os.path.isfile(init_path):
         fail(f"{init_path} not found; run 01_extract_init.py --data {args.data} --out {args.out} first")
-    init = torch.load(init_path, map_location="cpu", mmap=True, weights_only=True)
+    rerun = f"rerun 01_extract_init.py --data {args.data} --out {args.out} --overwrite"
+    init = extract_init.load_run_file(init_path, ("network", "classifier", "args", "fingerprint"), rerun)
+    if init["fingerprint"] != fingerprint:
+        fail(f"{init_path} was made from other training images than {args.data}/train lists; {rerun}")
     made = init["args"]
     if (made["arch"], made["image_size"]) != (args.arch, args.image_size):
         fail(f"{init_path} was made for {made['arch']} at {made['image_size']} px; "
@@ -214,10 +203,6 @@ def resume(args, settings, net, classifier, optimizers, log):
     """Load RUN/checkpoint.pt when it exists (resume_from: written with the same settings); returns
     (first epoch to train, global step)."""
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    if dsm.is_main():  # a run killed inside atomic_save leaves its temporary file; it is never resumed from
-        for stale in glob.glob(os.path.join(args.out, ".tmp-checkpoint.pt*")):
-            os.remove(stale)
-            log(f"removed {stale}, a half-written checkpoint of a killed run")
     ckpt = resume_from(ckpt_path, settings)
     if ckpt is None:
         return 0, 0

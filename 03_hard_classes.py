@@ -13,8 +13,8 @@ table on one process:
                                            local batch, fetched from their owners (2 collectives)
 
 02_pretrain.py calls both at the start of every epoch and every step. Run on its own, this script
-mines from the newest classifier rows in a run folder (RUN/checkpoint.pt from 02, else RUN/init.pt
-from 01; the dataset is the one they recorded unless --data is given) and writes
+mines the rows of a run folder: the trained ones of RUN/checkpoint.pt (02) if it exists, else the
+prior's of RUN/init.pt (01); the dataset is the one they recorded unless --data is given. It writes
   RUN/hard_classes.pt    {"hard_classes": [N, k] int64, "similarity": [N, k] float32, ...}
   RUN/hard_classes.json  cosine of the 1st and k-th hard class (mean, percentiles); share of hard
                          classes from the anchor's own folder class against chance (the paper's
@@ -27,7 +27,6 @@ Commands:
   torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       03_hard_classes.py --out runs/in1k --data /datasets/imagenet
 """
-import argparse
 import importlib
 import json
 import os
@@ -39,19 +38,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 import dist_softmax as dsm
 
-extract = importlib.import_module("01_extract_init")
+extract_init = importlib.import_module("01_extract_init")
+fail = dsm.fail
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-extract.add_common_args(parser, epochs=None, batch_size=4096, data_required=False)
-parser.add_argument("--hard-k", type=int, default=100, help="hard classes per instance, k of Eq. 2 (paper: 100)")
-parser.add_argument("--chunk-size", type=int, default=None,
+parser = extract_init.Parser(__doc__)
+extract_init.add_common_args(parser, epochs=None, batch_size=4096, data_required=False)
+parser.add_argument("--hard-k", type=extract_init.POSITIVE, default=100, help="hard classes per instance, k of Eq. 2 (paper: 100)")
+parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
                     help="rows and columns per similarity block (default: 2048 on CPU, 8192 on GPU)")
-parser.add_argument("--grid-rows", type=int, default=8, help="anchors in hard_classes.png (drawn with --seed)")
-parser.add_argument("--grid-cols", type=int, default=8, help="hardest negatives shown per anchor")
+parser.add_argument("--grid-rows", type=extract_init.POSITIVE, default=8, help="anchors in hard_classes.png (drawn with --seed)")
+parser.add_argument("--grid-cols", type=extract_init.POSITIVE, default=8, help="hardest negatives shown per anchor")
 
 GROUP = 16  # columns per group maximum in the candidate filter (see candidates)
 DEFAULT_CHUNK = {"cpu": 2048, "cuda": 8192}  # rows and columns per similarity block
@@ -60,73 +59,75 @@ DEFAULT_CHUNK = {"cpu": 2048, "cuda": 8192}  # rows and columns per similarity b
 @torch.no_grad()
 def main(argv=None):
     args = parser.parse_args(argv)
-    owns_group = not dist.is_initialized()  # a caller's group is left to the caller
-    device = dsm.init_distributed(args.device)
-    log = print if dsm.is_main() else (lambda *a, **k: None)
+    with dsm.stage(args.out, args.device) as device:
+        log = print if dsm.is_main() else (lambda *a, **k: None)
 
-    # ---- classifier: the newest rows in the run folder ----
-    found = [os.path.join(args.out, name) for name in ("checkpoint.pt", "init.pt")]
-    found = [path for path in found if os.path.isfile(path)]
-    if not found:
-        extract.fail(f"no checkpoint.pt or init.pt in {args.out}; run 01_extract_init.py --out {args.out} first")
-    source = max(found, key=os.path.getmtime)
-    ckpt = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
-    if not isinstance(ckpt, dict) or "classifier" not in ckpt:
-        extract.fail(f"{source} has no classifier rows; it was not written by 01_extract_init.py or 02_pretrain.py")
-    state, epoch = ckpt["classifier"], ckpt.get("epoch")
-    data_root = args.data or ckpt.get("args", {}).get("data")
-    num_classes, dim = state["weight"].shape
-    if not 1 <= args.hard_k < num_classes:
-        extract.fail(f"--hard-k {args.hard_k} needs 1 <= k < {num_classes}, the number of classes")
-    classifier = dsm.DistCosineSoftmax(num_classes, dim).to(device)
-    dsm.load_classifier(classifier, state)
-    del ckpt, state
+        # ---- classifier: the trained rows (checkpoint.pt of 02) if any, else the prior's (init.pt of 01) ----
+        found = [os.path.join(args.out, name) for name in ("checkpoint.pt", "init.pt")]
+        found = [path for path in found if os.path.isfile(path)]
+        if not found:
+            fail(f"no checkpoint.pt or init.pt in {args.out}; run 01_extract_init.py --out {args.out} first")
+        source = found[0]
+        ckpt = extract_init.load_run_file(source, ("classifier",), "rerun the stage that wrote it "
+                                          "(01_extract_init.py for init.pt, 02_pretrain.py for checkpoint.pt)")
+        state, epoch = ckpt["classifier"], ckpt.get("epoch")
+        made_from = (ckpt.get("fingerprint") or {}).get("sha256") or (ckpt.get("settings") or {}).get("data")
+        log(f"rows of {source}" + (f", after epoch {epoch}" if epoch is not None else ", the prior of 01"))
+        data_root = args.data or ckpt.get("args", {}).get("data")
+        num_classes, dim = state["weight"].shape
+        if not 1 <= args.hard_k < num_classes:
+            fail(f"--hard-k {args.hard_k} needs 1 <= k < {num_classes}, the number of classes")
+        classifier = dsm.DistCosineSoftmax(num_classes, dim).to(device)
+        dsm.load_classifier(classifier, state)
+        del ckpt, state
 
-    # ---- data: instance i is paths[i]; folder labels for the diagnostics ----
-    if data_root is None:
-        extract.fail(f"{source} does not record its dataset; pass --data ROOT (the folder holding train/)")
-    paths, labels, classes = extract.list_images(os.path.join(data_root, "train"))
-    if len(paths) != num_classes:
-        extract.fail(f"{data_root}/train holds {len(paths)} images but {source} has {num_classes} classifier "
-                     "rows; pass the --data this run was made from")
-    extract.check_data_fingerprint(args.out, paths, data_root)
+        # ---- data: instance i is paths[i]; folder labels for the diagnostics ----
+        if data_root is None:
+            fail(f"{source} does not record its dataset; pass --data ROOT (the folder holding train/)")
+        paths, labels, classes = extract_init.list_images(os.path.join(data_root, "train"))
+        if len(paths) != num_classes:
+            fail(f"{data_root}/train holds {len(paths)} images but {source} has {num_classes} classifier "
+                         "rows; pass the --data this run was made from")
+        fingerprint = extract_init.check_data_fingerprint(args.out, paths, data_root)
+        if made_from not in (None, fingerprint["sha256"]):
+            fail(f"{source} was made from other training images than {data_root}/train lists; pass the --data "
+                 "this run was made from")
 
-    # ---- mine ----
-    log(f"03_hard_classes: {args.hard_k} hard classes for each of {num_classes} classes ({dim} dims) from "
-        f"{source}, {dsm.get_world_size()} process(es) on {device}")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    table, similarity = mine_hard_classes(classifier, args.hard_k, args.chunk_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    log(f"mined in {seconds:.1f} s")
+        # ---- mine ----
+        log(f"03_hard_classes: {args.hard_k} hard classes for each of {num_classes} classes ({dim} dims) from "
+            f"{source}, {dsm.get_world_size()} process(es) on {device}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        table, similarity = mine_hard_classes(classifier, args.hard_k, args.chunk_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        log(f"mined in {seconds:.1f} s")
 
-    # ---- save: the shards travel to rank 0 one at a time ----
-    table = dsm.gather_shards(table, num_classes)
-    similarity = dsm.gather_shards(similarity, num_classes)
-    if dsm.is_main():
-        path = os.path.join(args.out, "hard_classes.pt")
-        dsm.atomic_save({"hard_classes": table, "similarity": similarity, "k": args.hard_k,
-                         "num_classes": num_classes, "source": os.path.basename(source), "epoch": epoch}, path)
-        log(f"wrote {path}: [{num_classes}, {args.hard_k}] hard class ids and their cosine similarities")
+        # ---- save: the shards travel to rank 0 one at a time ----
+        table = dsm.gather_shards(table, num_classes)
+        similarity = dsm.gather_shards(similarity, num_classes)
+        if dsm.is_main():
+            path = os.path.join(args.out, "hard_classes.pt")
+            dsm.atomic_save({"hard_classes": table, "similarity": similarity, "k": args.hard_k,
+                             "num_classes": num_classes, "source": os.path.basename(source), "epoch": epoch}, path)
+            log(f"wrote {path}: [{num_classes}, {args.hard_k}] hard class ids and their cosine similarities")
 
-        # ---- diagnostics ----
-        report = {"source": os.path.basename(source), "epoch": epoch, "num_classes": num_classes, "dim": dim,
-                  "k": args.hard_k, "world_size": dsm.get_world_size(), "device": device.type,
-                  "mine_seconds": round(seconds, 3),
-                  "similarity_1st": _summary(similarity[:, 0]), "similarity_kth": _summary(similarity[:, -1]),
-                  "same_class": _same_class(table, labels) if len(classes) > 1 else None}
-        path = os.path.join(args.out, "hard_classes.json")
-        extract.write_json(path, report)
-        log(json.dumps(report))
+            # ---- diagnostics ----
+            report = {"source": os.path.basename(source), "epoch": epoch, "num_classes": num_classes, "dim": dim,
+                      "k": args.hard_k, "world_size": dsm.get_world_size(), "device": device.type,
+                      "mine_seconds": round(seconds, 3),
+                      "similarity_1st": _summary(similarity[:, 0]), "similarity_kth": _summary(similarity[:, -1]),
+                      "same_class": _same_class(table, labels) if len(classes) > 1 else None}
+            path = os.path.join(args.out, "hard_classes.json")
+            extract_init.write_json(path, report)
+            log(json.dumps(report))
 
-        # ---- image grid: anchors (red frame) followed by their hardest negatives ----
-        path = os.path.join(args.out, "hard_classes.png")
-        _save_grid(paths, table, path, args)
-        log(f"wrote {path}")
-    dsm.finish_distributed(owns_group)
+            # ---- image grid: anchors (red frame) followed by their hardest negatives ----
+            path = os.path.join(args.out, "hard_classes.png")
+            _save_grid(paths, table, path, args)
+            log(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- mining and lookup
@@ -327,14 +328,13 @@ def _save_grid(paths, table, path, args):
     generator = torch.Generator().manual_seed(args.seed)
     anchors = torch.randperm(len(paths), generator=generator)[:args.grid_rows].sort().values
     cols = min(args.grid_cols, table.shape[1])
-    transform = extract.eval_transform(args.image_size)
-    mean = torch.tensor(extract.IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(extract.IMAGENET_STD)[:, None, None]
+    transform = extract_init.eval_transform(args.image_size)
+    mean = torch.tensor(extract_init.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(extract_init.IMAGENET_STD)[:, None, None]
     tiles = []
     for a in anchors.tolist():
         for j, i in enumerate([a] + table[a, :cols].tolist()):
-            with Image.open(paths[i]) as image:
-                tile = transform(image.convert("RGB")) * std + mean  # undo the normalisation
+            tile = transform(extract_init.load_rgb(paths[i])) * std + mean  # undo the normalisation
             if j == 0:
                 frame = max(1, args.image_size // 32)
                 tile[:, :frame], tile[:, -frame:], tile[:, :, :frame], tile[:, :, -frame:] = (

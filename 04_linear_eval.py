@@ -28,7 +28,6 @@ Commands (after 01 and 02; --arch and --image-size default to the run's):
       04_linear_eval.py --data /datasets/imagenet --out runs/in1k --label-fraction 0.01
 ROOT/val: ImageFolder with train/'s class names, or tiny-ImageNet's images/ + val_annotations.txt.
 """
-import argparse
 import contextlib
 import hashlib
 import importlib
@@ -48,20 +47,20 @@ import dist_softmax as dsm
 
 extract_init = importlib.import_module("01_extract_init")
 pretrain = importlib.import_module("02_pretrain")
-fail = extract_init.fail
+fail = dsm.fail
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=None, batch_size=None)
 parser.set_defaults(arch=None, image_size=None)  # default: as in RUN/init.pt, else resnet50 at 224 px
-parser.add_argument("--epochs", type=int, default=None, help="linear probe: 100; semi-supervised: 20")
+parser.add_argument("--epochs", type=extract_init.POSITIVE, default=None, help="linear probe: 100; semi-supervised: 20")
 parser.add_argument("--pretrained", default=None, metavar="PATH|random",
                     help="backbone to evaluate (default RUN/backbone.pt); 'random': the random-init baseline")
 parser.add_argument("--knn", action="store_true", help="weighted kNN instead of the linear probe")
 parser.add_argument("--knn-k", default="20,200", help="neighbour counts, comma-separated (the first is top1/top5)")
-parser.add_argument("--knn-temperature", type=float, default=0.07)
-parser.add_argument("--chunk-size", type=int, default=4096,
+parser.add_argument("--knn-temperature", type=extract_init.RATE, default=0.07)
+parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=4096,
                     help="kNN: queries and training rows per similarity block (bounds memory)")
-parser.add_argument("--label-fraction", type=float, default=None, metavar="F",
+parser.add_argument("--label-fraction", type=extract_init.number(float, 0, 1, open_low=True), default=None, metavar="F",
                     help="semi-supervised fine-tuning on a class-balanced fraction F of the labels (0.01, 0.1)")
 parser.add_argument("--subset-file", default=None,
                     help="semi-supervised: the labelled images, one per line (path under train/ or file name)")
@@ -70,12 +69,12 @@ parser.add_argument("--cached-features", action="store_true",
 parser.add_argument("--standardize", action="store_true",
                     help="linear probe: standardise each feature with the train mean/std (up to 10000 centre "
                          "crops) before the linear layer; one lr then fits any backbone's feature scale")
-parser.add_argument("--lr", type=float, default=None,
+parser.add_argument("--lr", type=extract_init.RATE, default=None,
                     help="linear layer lr at the reference batch: 40 at 2048 (probe); 15 (1%%) / 10 at 256 (semi)")
-parser.add_argument("--backbone-lr", type=float, default=0.001, help="semi-supervised backbone lr at batch 256")
-parser.add_argument("--momentum", type=float, default=0.9)
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--print-freq", type=int, default=50, help="steps between progress lines (image training)")
+parser.add_argument("--backbone-lr", type=extract_init.NON_NEGATIVE, default=0.001, help="semi-supervised backbone lr at batch 256")
+parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=0.0)
+parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=50, help="steps between progress lines (image training)")
 
 SAMPLE = 10000  # training images behind --standardize and the random baseline's BN statistics
 BN_BATCH = 256  # images per batch when the random baseline's BN statistics are estimated
@@ -85,58 +84,56 @@ def main(argv=None):
     args = parser.parse_args(argv)
     protocol = "knn" if args.knn else "semi" if args.label_fraction is not None else "linear"
     check_arguments(args, protocol)
-    owns_group = not dist.is_initialized()  # a caller's group is left to the caller
-    device = dsm.init_distributed(args.device)
-    log = print if dsm.is_main() else (lambda *a, **k: None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    with dsm.stage(args.out, args.device) as device:
+        log = print if dsm.is_main() else (lambda *a, **k: None)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
-    # ---- data ----
-    paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
-    val_paths, val_labels = pretrain.list_val_images(args.data, classes)
-    fingerprint = extract_init.check_data_fingerprint(args.out, paths, args.data)
-    args.batch_size = args.batch_size or (256 if protocol == "semi" else 2048)
-    args.epochs = args.epochs or (20 if protocol == "semi" else 100)
-    local_batch = extract_init.resolve_rank_batch(args.batch_size, dsm.get_world_size())
+        # ---- data ----
+        paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
+        val_paths, val_labels = pretrain.list_val_images(args.data, classes)
+        fingerprint = extract_init.check_data_fingerprint(args.out, paths, args.data)
+        args.batch_size = args.batch_size or (256 if protocol == "semi" else 2048)
+        args.epochs = args.epochs or (20 if protocol == "semi" else 100)
+        local_batch = extract_init.resolve_rank_batch(args.batch_size, dsm.get_world_size())
 
-    # ---- backbone ----
-    source = args.pretrained or os.path.join(args.out, "backbone.pt")
-    network_defaults(args, source, log)
-    if source != "random" and args.pretrained is None and not os.path.isfile(source):
-        fail(f"{source} not found; run 02_pretrain.py with --out {args.out} first, pass --pretrained PATH, "
-             f"or --pretrained random for the random-init baseline")
-    backbone, width, described = load_pretrained_backbone(source, args.arch, args.image_size, args.seed)
-    backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    if source == "random":
-        estimate_bn_statistics(backbone, paths, args, device, log)
-    name = {"linear": "linear_eval", "knn": "knn"}.get(protocol) or f"semi_{args.label_fraction:g}"
-    name += "_random" if source == "random" else ""  # side by side with the pretrained result
-    log(f"04_linear_eval: {protocol}{' (cached features)' if args.cached_features else ''} of {described}; "
-        f"{args.arch} at {args.image_size} px, {len(paths)} train / {len(val_paths)} val images, {len(classes)} "
-        f"classes, {dsm.get_world_size()} process(es) on {device}, batch {args.batch_size} ({local_batch} per process)")
-    log("args: " + json.dumps(vars(args), sort_keys=True))
+        # ---- backbone ----
+        source = args.pretrained or os.path.join(args.out, "backbone.pt")
+        network_defaults(args, source, log)
+        if source != "random" and args.pretrained is None and not os.path.isfile(source):
+            fail(f"{source} not found; run 02_pretrain.py with --out {args.out} first, pass --pretrained PATH, "
+                 f"or --pretrained random for the random-init baseline")
+        backbone, width, described = load_pretrained_backbone(source, args.arch, args.image_size, args.seed)
+        backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+        if source == "random":
+            estimate_bn_statistics(backbone, paths, args, device, log)
+        name = {"linear": "linear_eval", "knn": "knn"}.get(protocol) or f"semi_{args.label_fraction:g}"
+        name += "_random" if source == "random" else ""  # side by side with the pretrained result
+        log(f"04_linear_eval: {protocol}{' (cached features)' if args.cached_features else ''} of {described}; "
+            f"{args.arch} at {args.image_size} px, {len(paths)} train / {len(val_paths)} val images, {len(classes)} "
+            f"classes, {dsm.get_world_size()} process(es) on {device}, batch {args.batch_size} ({local_batch} per process)")
+        log("args: " + json.dumps(vars(args), sort_keys=True))
 
-    # ---- the protocol ----
-    train = extract_init.ImageList(paths, None, labels)
-    val = extract_init.ImageList(val_paths, extract_init.eval_transform(args.image_size), val_labels)
-    if protocol == "knn":
-        result = knn_protocol(args, backbone, train, val, len(classes), local_batch, device, log)
-    else:
-        settings = {"stage": "04_linear_eval", "data": fingerprint["sha256"], "backbone": state_fingerprint(backbone),
-                    **{key: getattr(args, key) for key in ("epochs", "batch_size", "momentum", "weight_decay",
-                                                           "seed", "cached_features", "standardize")}}
-        result = trained_protocol(args, protocol, name, settings, backbone, width, train, val, len(classes),
-                                  local_batch, device, log)
+        # ---- the protocol ----
+        train = extract_init.ImageList(paths, None, labels)
+        val = extract_init.ImageList(val_paths, extract_init.eval_transform(args.image_size), val_labels)
+        if protocol == "knn":
+            result = knn_protocol(args, backbone, train, val, len(classes), local_batch, device, log)
+        else:
+            settings = {"stage": "04_linear_eval", "data": fingerprint["sha256"], "backbone": state_fingerprint(backbone),
+                        **{key: getattr(args, key) for key in ("epochs", "batch_size", "momentum", "weight_decay",
+                                                               "seed", "cached_features", "standardize")}}
+            result = trained_protocol(args, protocol, name, settings, backbone, width, train, val, len(classes),
+                                      local_batch, device, log)
 
-    # ---- result ----
-    result = {"protocol": protocol, "checkpoint": described, "arch": args.arch, "image_size": args.image_size,
-              "train_images": len(paths), "val_images": len(val_paths), "classes": len(classes),
-              "world_size": dsm.get_world_size(), **result}
-    if dsm.is_main():
-        path = os.path.join(args.out, name + ".json")
-        extract_init.write_json(path, result)
-        log(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({described}); wrote {path}")
-    dsm.finish_distributed(owns_group)
+        # ---- result ----
+        result = {"protocol": protocol, "checkpoint": described, "arch": args.arch, "image_size": args.image_size,
+                  "train_images": len(paths), "val_images": len(val_paths), "classes": len(classes),
+                  "world_size": dsm.get_world_size(), **result}
+        if dsm.is_main():
+            path = os.path.join(args.out, name + ".json")
+            extract_init.write_json(path, result)
+            log(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({described}); wrote {path}")
     return result
 
 
@@ -145,12 +142,8 @@ def check_arguments(args, protocol):
         fail("--knn and --label-fraction are two protocols; run them one at a time")
     if (args.cached_features or args.standardize) and protocol != "linear":
         fail(f"--{'cached-features' if args.cached_features else 'standardize'} applies to the linear probe only; drop it")
-    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
-        fail(f"--label-fraction {args.label_fraction} must be in (0, 1], e.g. 0.01 or 0.1")
     if args.subset_file is not None and args.label_fraction is None:
         fail("--subset-file is for semi-supervised fine-tuning; also pass --label-fraction (0.01 or 0.1)")
-    if args.epochs is not None and args.epochs < 1:
-        fail(f"--epochs {args.epochs} must be at least 1")
     if protocol == "knn":
         try:
             args.knn_k = [int(k) for k in str(args.knn_k).split(",")]
@@ -306,6 +299,7 @@ def trained_protocol(args, protocol, name, settings, backbone, width, train, val
     # ---- epochs ----
     t_start, first_epoch = time.perf_counter(), len(history)
     for epoch in range(first_epoch, args.epochs):
+        dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in {os.path.basename(ckpt_path)})"
         t0 = time.perf_counter()
         loss, lr_now = train_epoch(epoch)
         top1, top5, count = evaluate_epoch()

@@ -26,7 +26,6 @@ Commands:
   torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
       05_transfer.py --task classify --dataset inaturalist --data /datasets/inat --out runs/in1k
 """
-import argparse
 import importlib
 import json
 import math
@@ -51,14 +50,14 @@ import dist_softmax as dsm
 extract_init = importlib.import_module("01_extract_init")
 pretrain = importlib.import_module("02_pretrain")
 linear_eval = importlib.import_module("04_linear_eval")
-fail = extract_init.fail
+fail = dsm.fail
 
 CLASSIFY_SETS = ("imagefolder", "cifar10", "cifar100", "dtd", "sun397", "inaturalist", "flowers102")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor")
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=100, batch_size=None, data_required=False)
 parser.add_argument("--task", required=True, choices=["classify", "detect", "export"])
 parser.add_argument("--init", "--pretrained", metavar="PATH|random",
@@ -67,28 +66,28 @@ parser.add_argument("--init", "--pretrained", metavar="PATH|random",
 parser.add_argument("--dataset", choices=CLASSIFY_SETS + ("voc",),
                     help="classify: imagefolder (default) or a torchvision set; detect: voc")
 parser.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data")
-parser.add_argument("--lr", type=float, default=None,
+parser.add_argument("--lr", type=extract_init.RATE, default=None,
                     help="classify: lr at batch 256 (default 0.1); detect: lr at batch 16 (0.02); scaled linearly")
-parser.add_argument("--backbone-lr-scale", type=float, default=1.0,
+parser.add_argument("--backbone-lr-scale", type=extract_init.NON_NEGATIVE, default=1.0,
                     help="classify: backbone lr = head lr x this (1: one lr for every layer, for both arms)")
-parser.add_argument("--momentum", type=float, default=0.9)
-parser.add_argument("--weight-decay", type=float, default=1e-4)
+parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=1e-4)
 parser.add_argument("--inat-version", default="2018", choices=["2017", "2018", "2019", "2021"])
-parser.add_argument("--iters", type=int, default=24000, help="detect: training iterations")
-parser.add_argument("--lr-steps", type=int, nargs="*", default=[18000, 22000], help="detect: lr x 0.1 at these")
-parser.add_argument("--warmup-iters", type=int, default=100, help="detect: linear warm-up iterations")
-parser.add_argument("--min-size", type=int, nargs="+", default=list(range(480, 801, 32)),
+parser.add_argument("--iters", type=extract_init.POSITIVE, default=24000, help="detect: training iterations")
+parser.add_argument("--lr-steps", type=extract_init.COUNT, nargs="*", default=[18000, 22000], help="detect: lr x 0.1 at these")
+parser.add_argument("--warmup-iters", type=extract_init.COUNT, default=100, help="detect: linear warm-up iterations")
+parser.add_argument("--min-size", type=extract_init.POSITIVE, nargs="+", default=list(range(480, 801, 32)),
                     help="detect: training short side, drawn per batch from these")
-parser.add_argument("--test-size", type=int, default=800, help="detect: test short side")
-parser.add_argument("--max-size", type=int, default=1333, help="detect: longest side cap")
+parser.add_argument("--test-size", type=extract_init.POSITIVE, default=800, help="detect: test short side")
+parser.add_argument("--max-size", type=extract_init.POSITIVE, default=1333, help="detect: longest side cap")
 parser.add_argument("--voc-train", nargs="+", default=["2007:trainval", "2012:trainval"], metavar="YEAR:SPLIT")
 parser.add_argument("--voc-test", default="2007:test", metavar="YEAR:SPLIT")
 parser.add_argument("--det-norm", default="train", choices=["train", "frozen"],
                     help="detect: BN trained (SyncBN over CUDA processes; MoCo's protocol) or frozen")
 parser.add_argument("--ap-metric", default="all-point", choices=["all-point", "11-point"])
-parser.add_argument("--test-limit", type=int, default=None, help="detect: evaluate on the first N test images")
-parser.add_argument("--ckpt-every", type=int, default=1000, help="detect: iterations between checkpoints")
-parser.add_argument("--print-freq", type=int, default=20, help="steps between progress lines")
+parser.add_argument("--test-limit", type=extract_init.POSITIVE, default=None, help="detect: evaluate on the first N test images")
+parser.add_argument("--ckpt-every", type=extract_init.POSITIVE, default=1000, help="detect: iterations between checkpoints")
+parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=20, help="steps between progress lines")
 
 # What a resumed fine-tuning must share with the checkpoint (--epochs and --iters may grow).
 CLASSIFY_SETTINGS = ("dataset", "arch", "image_size", "batch_size", "lr", "backbone_lr_scale", "momentum",
@@ -107,12 +106,11 @@ def main(argv=None):
     if args.task != "export" and args.data is None:
         fail(f"--task {args.task} needs --data ROOT (the dataset's local folder)")
     args.init = args.init or os.path.join(args.out, "backbone.pt")
-    owns_group = not dist.is_initialized()  # a caller's group is left to the caller
-    device = dsm.init_distributed(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    {"classify": classify, "detect": detect, "export": export}[args.task](args, device)
-    dsm.finish_distributed(owns_group)
+    args.lr = args.lr if args.lr is not None else {"classify": 0.1, "detect": 0.02}.get(args.task)
+    with dsm.stage(args.out, args.device) as device:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        {"classify": classify, "detect": detect, "export": export}[args.task](args, device)
 
 
 def result_name(args):
@@ -152,14 +150,13 @@ def classify(args, device):
     model = DistributedDataParallel(probe, device_ids=[device] if device.type == "cuda" else None) if world > 1 else probe
 
     # ---- optimiser: head at lr, backbone at lr x --backbone-lr-scale, cosine (04's set_lr) ----
-    lr = args.lr if args.lr is not None else 0.1
-    head_lr = lr * args.batch_size / 256
+    head_lr = args.lr * args.batch_size / 256
     groups = [(probe.fc, head_lr), (probe.backbone, head_lr * args.backbone_lr_scale)]
     optimizer = torch.optim.SGD([{"params": m.parameters(), "lr": g, "base_lr": g} for m, g in groups],
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     log(f"05_transfer classify: {args.dataset}, {len(train_set)} train / {len(test_set)} test images, "
         f"{num_classes} classes, {world} process(es) on {device}, batch {args.batch_size} ({local_batch} per process), "
-        f"{len(loader)} steps/epoch, head lr {lr:g} x {args.batch_size}/256 = {head_lr:.6g}, backbone lr x "
+        f"{len(loader)} steps/epoch, head lr {args.lr:g} x {args.batch_size}/256 = {head_lr:.6g}, backbone lr x "
         f"{args.backbone_lr_scale:g}, backbone {described}")
     log("args: " + json.dumps(vars(args), sort_keys=True))
 
@@ -175,6 +172,7 @@ def classify(args, device):
         log(f"resumed from {ckpt_path}: {len(history)} epoch(s) done")
         del ckpt
     for epoch in range(len(history), args.epochs):
+        dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in {os.path.basename(ckpt_path)})"
         t0 = time.perf_counter()
         pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # a resumed epoch = an uninterrupted one
         sampler.set_epoch(epoch)
@@ -321,12 +319,12 @@ def detect(args, device):
         log("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own images")
     net = net.to(device)
     model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
-    base_lr = (args.lr if args.lr is not None else 0.02) * args.batch_size / 16
+    base_lr = args.lr * args.batch_size / 16
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=base_lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     log(f"05_transfer detect: VOC {' + '.join(args.voc_train)} ({len(train_set)} images) -> {args.voc_test} "
         f"({test_count} images), {world} process(es) on {device}, batch {args.batch_size} ({local_batch} per "
-        f"process), {args.iters} iterations, lr {args.lr if args.lr is not None else 0.02} x {args.batch_size}/16 = "
+        f"process), {args.iters} iterations, lr {args.lr:g} x {args.batch_size}/16 = "
         f"{base_lr:.6g}, BN {args.det_norm}{' (SyncBN)' if sync_bn else ''}, backbone {described}")
     log("args: " + json.dumps(vars(args), sort_keys=True))
 
@@ -378,6 +376,7 @@ def train_detector(model, net, optimizer, train_set, args, settings, base_lr, lo
     meter = pretrain.Meter()
     while it < args.iters:
         epoch, skip = divmod(it, steps_per_epoch)
+        dsm.PROGRESS["where"] = f"at iteration {it} of {args.iters} (saved every {args.ckpt_every} in {os.path.basename(ckpt_path)})"
         pretrain.seed_everything(pretrain.step_seed(args.seed, it, rank))
         sampler.set_epoch(epoch)
         order = list(sampler)

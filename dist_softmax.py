@@ -24,9 +24,14 @@ single-process cosine softmax, so `python script.py` works unchanged.
 Also here: joining the torchrun process group, atomic checkpoint writes, and saving the classifier
 rows (with their SGD momentum) in a form that loads onto any number of processes.
 """
+import contextlib
+import glob
 import os
+import signal
+import socket
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -59,8 +64,7 @@ def init_distributed(device="auto"):
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
-        raise SystemExit(2)
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -80,20 +84,184 @@ def finish_distributed(owns_group):
 
 def atomic_save(obj, path, dump=torch.save):
     """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
-    half a file. torch.save by default; pickle.dump or a bytes writer work the same way."""
+    half a file, and a full disk leaves the previous file as it was (one line, exit 2). torch.save
+    by default; pickle.dump or a bytes writer work the same way. The file gets the umask's mode."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror}); pass an --out you can write to")
     try:
         with os.fdopen(fd, "wb") as f:
             dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide results from the user's group
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # ENOSPC, EDQUOT, EIO...: the previous file is untouched
+            fail(f"cannot write {path} ({e.strerror}); the previous {os.path.basename(path)} is kept; "
+                 "free space or pass another --out, then rerun the command")
         raise
+
+
+UMASK = os.umask(0o22)
+os.umask(UMASK)
+
+
+# ---------------------------------------------------------------- one stage: a process group, a run folder, one line per rank
+
+PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
+
+
+def fail(message, code=2):
+    """One line on stderr, then exit with `code` (2: a problem with the input), no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping the other processes after one failed, or a job scheduler)."""
+
+
+@contextlib.contextmanager
+def stage(out, device="auto"):
+    """Run one stage on this process and yield its device: join torchrun's process group when
+    launched by torchrun, hold the run folder RUN (--out) against a second run (RUN/.lock, taken by
+    rank 0), remove the temporary files a killed run left there, and leave the group at the end.
+
+    Every way of stopping ends in one line on stderr on every rank: its own error (exit 2); "stopped
+    because process R failed" when another rank's error broke a collective; on Ctrl-C or SIGTERM,
+    where the run stands and that the same command resumes it (exit 130 / 143)."""
+    owns_group = not dist.is_initialized()
+    device = init_distributed(device)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    PROGRESS["where"] = None
+    holder = None
+    try:
+        holder = _hold_run_folder(out, device)
+        yield device
+        finish_distributed(owns_group)
+    except (KeyboardInterrupt, Terminated) as e:
+        failed = _failed_peer(out) if get_world_size() > 1 else None
+        if failed is not None:
+            fail(f"stopped because process {failed} failed (see its message)")
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
+        where = f" {PROGRESS['where']};" if PROGRESS["where"] else ""
+        fail(f"{what};{where} what was saved in {out} is kept, and the same command resumes from it",
+             130 if isinstance(e, KeyboardInterrupt) else 143)
+    except SystemExit as e:
+        if e.code not in (0, None) and get_world_size() > 1:
+            _mark_failed(out)  # before this process exits and breaks the others' collectives
+        raise
+    except Exception:
+        failed = _failed_peer(out) if get_world_size() > 1 else None
+        if failed is None:
+            if get_world_size() > 1:
+                _mark_failed(out)
+            raise
+        fail(f"stopped because process {failed} failed (see its message)")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if holder is not None:
+            _release_run_folder(out, holder)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _hold_run_folder(out, device):
+    """Rank 0 takes RUN/.lock (host and pid) and clears stale temporaries; every rank learns the outcome.
+    A lock whose process is gone (same host) is taken over. Returns what rank 0 wrote, else None."""
+    problem, holder = None, None
+    if is_main():
+        problem, holder = _take_lock(out)
+    if get_world_size() > 1:
+        ok = torch.tensor([problem is None], dtype=torch.int32, device=device)
+        dist.broadcast(ok, src=0)
+        if not ok.item() and not is_main():
+            fail("stopped because process 0 failed (see its message)")
+    if problem:
+        fail(problem)
+    if holder is not None:
+        for stale in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(out, ".failed-rank-*")):
+            os.remove(stale)
+            if ".tmp-" in stale:
+                print(f"removed {stale}, a half-written file of a killed run", flush=True)
+    return holder
+
+
+def _take_lock(out):
+    """(problem or None, this process's "host pid" line) after trying to create RUN/.lock."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file, not a folder; pass a folder for the run", None
+    path, me = os.path.join(out, ".lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(path, "x") as f:
+                f.write(me + "\n")
+            return None, me
+        except FileExistsError:
+            host, _, pid = _read(path).partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                os.remove(path)  # its run is gone: take over
+                continue
+            return (f"{out} is in use by another run (process {pid or '?'} on {host or '?'}); wait for it to end, "
+                    f"or delete {path} if that run is gone"), None
+        except OSError as e:
+            return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
+    return f"cannot take {path}; delete it if no run uses {out}", None
+
+
+def _release_run_folder(out, holder):
+    path = os.path.join(out, ".lock")
+    if _read(path) == holder:
+        os.remove(path)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return False  # a lock this process left behind (a stage called again in the same process)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mark_failed(out):
+    """RUN/.failed-rank-R: tells the other ranks, whose collectives this rank's exit breaks, who failed."""
+    try:
+        with open(os.path.join(out, f".failed-rank-{get_rank()}"), "w"):
+            pass
+    except OSError:
+        pass
+
+
+def _failed_peer(out, wait=2.0):
+    """The lowest other rank that marked itself failed (waiting up to `wait` s for its mark), else None."""
+    deadline = time.monotonic() + wait
+    while True:
+        ranks = sorted(int(p.rsplit("-", 1)[1]) for p in glob.glob(os.path.join(out, ".failed-rank-*")))
+        ranks = [r for r in ranks if r != get_rank()]
+        if ranks or time.monotonic() > deadline:
+            return ranks[0] if ranks else None
+        time.sleep(0.1)
 
 
 def shard_range(num_classes, rank, world_size):

@@ -112,7 +112,7 @@ def test_training_moves_the_classifier_rows_away_from_the_prior(run):
     assert not torch.allclose(ckpt["classifier"]["weight"], init["classifier"]["weight"])
 
 
-def test_an_interrupted_run_resumes_with_the_same_losses(run, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_with_the_same_losses(run, tmp_path, monkeypatch, capsys):
     data, out = run
     uninterrupted = str(tmp_path / "uninterrupted")
     shutil.copytree(out, uninterrupted)
@@ -120,9 +120,12 @@ def test_an_interrupted_run_resumes_with_the_same_losses(run, tmp_path, monkeypa
 
     with monkeypatch.context() as patch:
         patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch(1))
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as stopped:
             pretrain.main(argv_02(data, out, 2))
-    assert not os.path.exists(os.path.join(out, "backbone.pt"))
+    assert stopped.value.code == 130 and not os.path.exists(os.path.join(out, "backbone.pt"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: interrupted; in epoch 2 of 2 (1 finished, in checkpoint.pt)" in err
+    assert "the same command resumes" in err and not os.path.exists(os.path.join(out, ".lock"))
     pretrain.main(argv_02(data, out, 2))  # the same command again: resumes at epoch 1
 
     expected = step_losses(uninterrupted)

@@ -222,8 +222,9 @@ def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
     monkeypatch.setattr(dist_softmax, "atomic_save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:
         evaluation.main(argv_04(data, broken, *extra))
+    assert stopped.value.code == 130
     monkeypatch.setattr(dist_softmax, "atomic_save", real_save)
     assert len(saves) == 1
     capsys.readouterr()

@@ -5,19 +5,27 @@ show no traceback. A run killed with SIGKILL resumes without losing a finished e
 a half-written checkpoint. Every stage accepts a run folder written with another process count.
 (The in-process checks of the same messages live in test_01/02/04/05; these run the scripts.)
 """
+import errno
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import demo_data
 from helpers import ROOT, free_port, run_script, stage
+
+import dist_softmax
 
 extract = stage("01_extract_init")
 torch.set_num_threads(1)
@@ -285,3 +293,282 @@ def kill_tree(pid):
 def subprocess_ok(done):
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+# ---------------------------------------------------------------- run state that cannot be mixed up
+
+stages = {name: stage(name) for name in STAGES}
+
+
+def stops_with_one_line(capsys, fn, *argv, code=2):
+    """Run a stage's main in this process; it must stop with `code` and one stderr line. Returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        fn(list(argv))
+    err = capsys.readouterr().err
+    assert stopped.value.code == code and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(data, run, capsys):
+    with open(os.path.join(run, ".lock"), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getppid()}\n")  # a live process on this host
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv_02(data, run, 1))
+    assert f"is in use by another run (process {os.getppid()}" in line and "delete" in line
+    assert os.path.isfile(os.path.join(run, ".lock"))  # the other run's lock is left alone
+
+
+def test_the_lock_of_a_run_that_is_gone_is_taken_over_and_released(data, run):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(os.path.join(run, ".lock"), "w") as f:
+        f.write(f"{socket.gethostname()} {gone.stdout.strip()}\n")
+    stages["02_pretrain"].main(argv_02(data, run, 1))
+    assert os.path.isfile(os.path.join(run, "backbone.pt")) and not os.path.exists(os.path.join(run, ".lock"))
+
+
+def test_a_checkpoint_of_other_data_is_refused_even_without_data_json(data, run, tmp_path, capsys):
+    """Two data sets of 18 images with other file names; the run's data.json deleted."""
+    other = str(tmp_path / "other")
+    shutil.copytree(data, other)
+    for split in ("train", "val"):
+        os.rename(os.path.join(other, split, "000_circle"), os.path.join(other, split, "000_disc"))
+    other_run = str(tmp_path / "other_run")
+    extract.main([*network(other_run, other), "--diagnostic-samples", "6"])
+    stages["02_pretrain"].main(argv_02(other, other_run, 1))
+    os.remove(os.path.join(run, "data.json"))
+    shutil.copy(os.path.join(other_run, "checkpoint.pt"), os.path.join(run, "checkpoint.pt"))
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv_02(data, run, 2))
+    assert "checkpoint.pt was written with other settings (other training images)" in line
+    shutil.copy(os.path.join(other_run, "init.pt"), os.path.join(run, "init.pt"))  # init.pt too
+    os.remove(os.path.join(run, "checkpoint.pt"))
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv_02(data, run, 1))
+    assert "init.pt was made from other training images" in line
+
+
+def test_01_refuses_to_replace_the_init_of_a_trained_run_unless_told_to(data, run, capsys):
+    stages["02_pretrain"].main(argv_02(data, run, 1))
+    before = sha256(os.path.join(run, "init.pt"))
+    line = stops_with_one_line(capsys, extract.main, *network(run, data))
+    assert "holds a trained run" in line and "--overwrite" in line
+    assert sha256(os.path.join(run, "init.pt")) == before
+    extract.main([*network(run, data), "--overwrite", "--seed", "1", "--diagnostic-samples", "6"])
+    assert sha256(os.path.join(run, "init.pt")) != before
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("01_extract_init", ["--diagnostic-samples", "6"]),
+    ("03_hard_classes", ["--hard-k", "2", "--grid-rows", "1"]),
+    ("04_linear_eval", ["--knn", "--pretrained", "random"]),
+    ("05_transfer", ["--task", "export", "--init", "random"]),
+])
+def test_every_stage_removes_the_temporary_files_a_killed_run_left(script, extra, data, run, capsys):
+    stale = os.path.join(run, ".tmp-result.json8x2k")
+    with open(stale, "w") as f:
+        f.write("half")
+    argv = ["--out", run, *extra] if script == "03_hard_classes" else [*network(run, data), *extra]
+    stages[script].main(argv)
+    assert not os.path.exists(stale) and f"removed {stale}" in capsys.readouterr().out
+
+
+def test_03_mines_the_trained_rows_whatever_the_file_times(data, run, capsys):
+    stages["02_pretrain"].main(argv_02(data, run, 1))
+    os.utime(os.path.join(run, "init.pt"))  # init.pt now newer than checkpoint.pt
+    stages["03_hard_classes"].main(["--out", run, "--hard-k", "2", "--grid-rows", "1", "--workers", "0"])
+    assert f"rows of {os.path.join(run, 'checkpoint.pt')}, after epoch 0" in capsys.readouterr().out
+    with open(os.path.join(run, "hard_classes.json")) as f:
+        assert json.load(f)["source"] == "checkpoint.pt"
+
+
+def test_outputs_get_the_mode_the_umask_gives(data, run):
+    stages["02_pretrain"].main(argv_02(data, run, 1))
+    for name in ("checkpoint.pt", "backbone.pt", "data.json"):
+        assert stat.S_IMODE(os.stat(os.path.join(run, name)).st_mode) == 0o666 & ~dist_softmax.UMASK, name
+
+
+# ---------------------------------------------------------------- broken files: one line naming the file
+
+def write_bytes(path, content):
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("script", ["02_pretrain", "03_hard_classes"])
+@pytest.mark.parametrize("name, damage", [("checkpoint.pt", "empty"), ("checkpoint.pt", "truncated"),
+                                          ("init.pt", "empty"), ("init.pt", "a backbone")])
+def test_a_broken_run_file_is_one_line_naming_it(script, name, damage, data, run, capsys):
+    if name == "checkpoint.pt":
+        stages["02_pretrain"].main(argv_02(data, run, 1))
+    path = os.path.join(run, name)
+    if damage == "empty":
+        write_bytes(path, b"")
+    elif damage == "truncated":
+        truncate(path)
+    else:
+        torch.save(extract.build_backbone("resnet18", SIZE)[0].state_dict(), path)
+    argv = (argv_02(data, run, 2) if script == "02_pretrain" else
+            ["--out", run, "--data", data, "--hard-k", "2", "--workers", "0"])
+    line = stops_with_one_line(capsys, stages[script].main, *argv)
+    assert path in line
+
+
+@pytest.mark.parametrize("script, argv, checkpoint", [
+    ("04_linear_eval", ["--knn-k", "1", "--pretrained", "random", "--cached-features", "--epochs", "1"],
+     "linear_eval_random_cached_checkpoint.pt"),
+    ("05_transfer", ["--task", "classify", "--init", "random", "--epochs", "1"],
+     "transfer_classify_imagefolder_random_checkpoint.pt"),
+])
+def test_a_truncated_checkpoint_of_04_or_05_is_one_line(script, argv, checkpoint, data, run, capsys):
+    full = [*network(run, data), *argv]
+    stages[script].main(full)
+    truncate(os.path.join(run, checkpoint))
+    full[full.index("--epochs") + 1] = "2"
+    assert os.path.join(run, checkpoint) in stops_with_one_line(capsys, stages[script].main, *full)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"count": 18}', b"[]"])
+def test_a_data_json_that_is_not_a_fingerprint_is_one_line(content, data, run, capsys):
+    write_bytes(os.path.join(run, "data.json"), content)
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv_02(data, run, 1))
+    assert "data.json is not a data fingerprint" in line
+
+
+# ---------------------------------------------------------------- bad arguments: one line where they are parsed
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("02_pretrain", "--epochs", "0"), ("02_pretrain", "--epochs", "-3"), ("02_pretrain", "--warmup-epochs", "nan"),
+    ("02_pretrain", "--lr", "-1"), ("02_pretrain", "--weight-decay", "-1"), ("02_pretrain", "--momentum", "-0.5"),
+    ("02_pretrain", "--workers", "-1"), ("02_pretrain", "--image-size", "0"), ("01_extract_init", "--image-size", "1"),
+    ("01_extract_init", "--dim", "0"), ("02_pretrain", "--print-freq", "0"), ("02_pretrain", "--chunk-size", "0"),
+    ("04_linear_eval", "--chunk-size", "-5"), ("03_hard_classes", "--chunk-size", "0"),
+    ("03_hard_classes", "--grid-rows", "0"), ("04_linear_eval", "--knn-temperature", "0"),
+    ("01_extract_init", "--diagnostic-samples", "0"), ("02_pretrain", "--seed", str(2 ** 40)),
+    ("05_transfer", "--epochs", "0"), ("02_pretrain", "--batch-size", "0"), ("02_pretrain", "--temperature", "nan"),
+])
+def test_a_bad_argument_stops_where_it_is_parsed(script, flag, value, data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--data", data, "--out", out, flag, value] + (["--task", "classify"] if script == "05_transfer" else [])
+    line = stops_with_one_line(capsys, stages[script].main, *argv)
+    assert f"argument {flag}: '{value}' is not" in line and "multiple of" not in line and "lower --lr" not in line
+    assert not os.path.exists(out)  # stopped before any work
+
+
+def test_a_checkpoint_of_another_stage_names_the_stage_not_impossible_flags(data, run, capsys):
+    stages["04_linear_eval"].main([*network(run, data), "--pretrained", "random", "--cached-features", "--epochs", "1"])
+    shutil.copy(os.path.join(run, "linear_eval_random_cached_checkpoint.pt"), os.path.join(run, "checkpoint.pt"))
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv_02(data, run, 1))
+    assert "was written by 04_linear_eval, not 02_pretrain" in line and "None" not in line
+
+
+def test_a_changed_probe_lr_is_named_by_the_flag_value_not_the_scaled_lr(data, run, capsys):
+    argv = [*network(run, data), "--pretrained", "random", "--cached-features", "--epochs", "1", "--lr", "2"]
+    stages["04_linear_eval"].main(argv)
+    argv[-1] = "3"
+    assert "(--lr 2.0)" in stops_with_one_line(capsys, stages["04_linear_eval"].main, *argv)
+
+
+# ---------------------------------------------------------------- inputs that would be silently wrong
+
+def test_a_symlink_loop_is_listed_once_and_reported(data, tmp_path, capsys):
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    os.symlink(".", os.path.join(root, "train", "000_circle", "loop"))
+    os.symlink(os.path.join(root, "train", "001_ring"), os.path.join(root, "train", "002_square", "ring"))
+    paths, _, _ = extract.list_images(os.path.join(root, "train"))
+    assert len(paths) == 18 and "2 folder(s)" in capsys.readouterr().out
+
+
+def test_an_unreadable_class_folder_is_one_line(data, tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    locked = os.path.join(root, "train", "001_ring")
+    scandir = os.scandir
+
+    def no_permission(path="."):  # what a folder without read permission gives a non-root user
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    line = stops_with_one_line(capsys, lambda _: extract.list_images(os.path.join(root, "train")))
+    assert locked in line and "Permission denied" in line
+
+
+def test_a_16_bit_png_keeps_its_grey(tmp_path):
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")
+    assert np.asarray(extract.load_rgb(path)).tolist()[0][0] == [116, 116, 116]  # 30000 / 65535 x 255
+
+
+def test_a_decompression_bomb_is_one_line_naming_it(data, tmp_path):
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    bomb = os.path.join(root, "train", "000_circle", "huge.png")
+    Image.new("1", (20000, 10000)).save(bomb)  # 200M pixels in 24 kB
+    done = run_script("01_extract_init", network(str(tmp_path / "run"), root))
+    assert_one_line_failure(done, bomb, "decompression bomb")
+
+
+# ---------------------------------------------------------------- the environment, and every rank
+
+def test_an_out_that_is_a_file_is_one_line_before_any_work(data, tmp_path, capsys):
+    out = str(tmp_path / "file")
+    write_bytes(out, b"")
+    line = stops_with_one_line(capsys, stages["04_linear_eval"].main, *network(out, data), "--knn", "--pretrained", "random")
+    assert f"--out {out} is a file" in line
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(data, run, monkeypatch, capsys):
+    stages["02_pretrain"].main(argv_02(data, run, 1))
+    before = sha256(os.path.join(run, "checkpoint.pt"))
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the disk fills while the new checkpoint is written
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv_02(data, run, 2))
+    assert "No space left on device" in line and "checkpoint.pt is kept" in line
+    assert sha256(os.path.join(run, "checkpoint.pt")) == before
+    assert not [p for p in os.listdir(run) if p.startswith(".tmp-")]
+
+
+def test_when_one_rank_fails_every_rank_says_what_happened(data, tmp_path):
+    """01 on 2 processes; an image only process 1 reads is broken: process 1 names it, process 0
+    says that process 1 failed; neither prints a traceback."""
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    paths, _, _ = extract.list_images(os.path.join(root, "train"))
+    rank1_batch = extract.prior_batches(len(paths), BATCH // 2, 0)[1]
+    bad = paths[int(rank1_batch[0])]
+    truncate(bad)
+    done = run_script("01_extract_init", network(str(tmp_path / "run"), root), nproc=2)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
+    assert any(bad in line for line in errors) and "error: stopped because process 1 failed (see its message)" in errors
+    assert "Connection closed by peer" not in done.stderr and "gloo" not in done.stderr.lower()
+
+
+def test_ctrl_c_is_one_line_saying_where_the_run_stands(data, run):
+    argv = argv_02(data, run, 50)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "02_pretrain.py"), *argv], cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    log = os.path.join(run, "pretrain_log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.isfile(log) and '"epoch": 1' in open(log).read()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert err.count("\n") == 1 and err.startswith("error: interrupted; in epoch ") and "resumes" in err, err
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
