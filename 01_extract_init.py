@@ -123,7 +123,7 @@ parser.add_argument("--diagnostic-samples", type=POSITIVE, default=1000,
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    with dsm.stage(args.out, args.device) as device:
+    with dsm.stage(args) as device:
         world = dsm.get_world_size()
         log = print if dsm.is_main() else (lambda *a, **k: None)
 
@@ -147,7 +147,6 @@ def main(argv=None):
                  f"cannot normalise; use --batch-size {2 * world} or more")
         log(f"01_extract_init: {n} instances, {len(classes)} folder classes, {world} process(es) on {device}, "
             f"batch {args.batch_size} ({local_batch} per process), init {args.init}, BN {args.bn}")
-        log("args: " + json.dumps(vars(args), sort_keys=True))
 
         # ---- network ----
         torch.manual_seed(args.seed)  # the same initial network on every rank

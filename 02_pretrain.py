@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+import torchvision
 
 import dist_softmax as dsm
 
@@ -67,6 +67,12 @@ parser.add_argument("--hard-k", type=extract_init.POSITIVE, default=100, help="h
 parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
                     help="classifier rows per logits block (bounds memory; default: all local rows)")
 parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=10, help="steps between progress lines")
+parser.add_argument("--data-path", default="auto", choices=["auto", "pil", "device"],
+                    help="pil: decode and augment in loader workers (01's train_transform); device: workers only "
+                         "read the files, decoding (JPEG on the GPU) and the same augmentation run batched on the "
+                         "device; auto: device on CUDA, pil on CPU")
+parser.add_argument("--cache-images", action="store_true",
+                    help="device path: decode every training image once and keep it (uint8) in device memory")
 parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metavar="E",
                     help="kNN top-1 on ROOT/val every E epochs and after the last (default: the interval that "
                          "keeps its cost under 5%% of training; 0: never)")
@@ -79,7 +85,7 @@ KNN_BANK = 10000  # training images in the kNN curve's memory bank (and validati
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    with dsm.stage(args.out, args.device) as device:
+    with dsm.stage(args) as device:
         world = dsm.get_world_size()
         log = print if dsm.is_main() else (lambda *a, **k: None)
         if device.type == "cuda":
@@ -91,14 +97,14 @@ def main(argv=None):
         settings = {"stage": "02_pretrain", "data": fingerprint["sha256"], **{k: getattr(args, k) for k in RESUME_SETTINGS}}
         init = load_init(args, fingerprint)
         local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
-        loader, sampler = training_loader(paths, args, local_batch, device)
+        batches, sampler, steps = training_batches(paths, args, local_batch, device)
 
         # ---- networks: backbone + head in DDP (step 1), the sharded classifier outside it (steps 2-7) ----
         made = init["args"]
         net = extract_init.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made.get("head", "mlp"))
         net.load_state_dict(init["network"])
         net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-        model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+        model = dsm.data_parallel(net, device)
         classifier = dsm.DistCosineSoftmax(len(paths), made["dim"], args.temperature, args.chunk_size).to(device)
         dsm.load_classifier(classifier, init["classifier"])
         del init
@@ -108,9 +114,8 @@ def main(argv=None):
         sgd = dict(lr=base_lr, momentum=args.momentum, weight_decay=args.weight_decay)
         optimizers = [torch.optim.SGD(net.parameters(), **sgd), torch.optim.SGD(classifier.parameters(), **sgd)]
         log(f"02_pretrain: {len(paths)} instances, {world} process(es) on {device}, batch {args.batch_size} "
-            f"instances = {2 * args.batch_size} views ({local_batch} instances per process), {len(loader)} steps/epoch, "
+            f"instances = {2 * args.batch_size} views ({local_batch} instances per process), {steps} steps/epoch, "
             f"lr {args.lr} x {args.batch_size}/4096 = {base_lr:.6g}")
-        log("args: " + json.dumps(vars(args), sort_keys=True))
         if args.warmup_epochs >= args.epochs:
             log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the lr never reaches {base_lr:.6g}")
         hard_classes, k = hard_class_miner(args, len(paths), log)
@@ -133,8 +138,8 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 table, _ = hard_classes.mine_hard_classes(classifier, k)
                 log(f"epoch {epoch}: {k} hard classes per instance mined in {time.perf_counter() - t0:.1f} s")
-            record = train_one_epoch(model, classifier, optimizers, loader, table, hard_classes, args, epoch,
-                                     base_lr, global_step, device)
+            record = train_one_epoch(model, classifier, optimizers, batches(epoch), steps, table, hard_classes, args,
+                                     epoch, base_lr, global_step, device)
             global_step, train_seconds = record["global_step"], train_seconds + record["epoch_s"]
             if knn.due(epoch):
                 record["knn_top1"] = knn.measure(net.backbone, epoch)
@@ -173,20 +178,35 @@ def load_init(args, fingerprint):
     return init
 
 
-def training_loader(paths, args, local_batch, device):
-    """(loader, sampler): two augmented views of each of this rank's instances, a new order every
-    epoch (set_epoch). No persistent workers: each epoch's workers are seeded from that epoch's
-    reseeded RNG."""
+def training_batches(paths, args, local_batch, device):
+    """(batches, sampler, steps per epoch): batches(epoch) yields ((views [2b, 3, S, S] on `device`,
+    the two views of instance i side by side, instance ids [b]), seconds spent waiting for them),
+    for this rank's share of a new order every epoch (sampler.set_epoch). --data-path pil: 01's
+    train_transform in loader workers (no persistent workers: each epoch's workers are seeded from
+    that epoch's reseeded RNG); device: DeviceViews, with parameters drawn from a generator seeded
+    by (--seed, epoch, rank), so a resumed epoch draws what an uninterrupted one drew."""
     world, rank = dsm.get_world_size(), dsm.get_rank()
     if len(paths) // world < local_batch:
         fail(f"--batch-size {args.batch_size} exceeds the {len(paths)} training images "
              f"({len(paths) // world} per process); use a smaller --batch-size")
-    dataset = extract_init.ImageList(paths, extract_init.TwoViews(extract_init.train_transform(args.image_size)))
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+    on_device = args.data_path == "device" or (args.data_path == "auto" and device.type == "cuda")
+    if args.cache_images and not on_device:
+        fail("--cache-images keeps decoded images for the device data path; add --data-path device")
+    if on_device:
+        source = DeviceViews(paths, args, device)
+    else:
+        source = extract_init.ImageList(paths, extract_init.TwoViews(extract_init.train_transform(args.image_size)))
+    sampler = torch.utils.data.DistributedSampler(source, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+    if on_device:
+        return (lambda epoch: source.batches(sampler, local_batch, epoch)), sampler, len(sampler) // local_batch
+    loader = torch.utils.data.DataLoader(source, batch_size=local_batch, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
-    return loader, sampler
+
+    def batches(epoch):
+        for (views, ids), wait in timed_batches(loader):
+            yield (extract_init.to_device(views.flatten(0, 1), device), ids.to(device, non_blocking=True)), wait
+    return batches, sampler, len(loader)
 
 
 def hard_class_miner(args, num_classes, log):
@@ -200,50 +220,41 @@ def hard_class_miner(args, num_classes, log):
 
 
 def resume(args, settings, net, classifier, optimizers, log):
-    """Load RUN/checkpoint.pt when it exists (resume_from: written with the same settings); returns
-    (first epoch to train, global step)."""
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = resume_from(ckpt_path, settings)
+    """Continue from RUN/checkpoint.pt when it exists (resume_from: written with the same settings);
+    returns (first epoch to train, global step)."""
+    ckpt = resume_from(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0])
     if ckpt is None:
         return 0, 0
-    net.load_state_dict(ckpt["network"])
-    optimizers[0].load_state_dict(ckpt["optimizer"])
     dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
-    log(f"resumed from {ckpt_path}: {ckpt['epoch'] + 1} epoch(s) done, step {ckpt['step']} "
-        f"(saved by {ckpt['world_size']} process(es), now {dsm.get_world_size()})")
+    log(f"resumed: {ckpt['epoch'] + 1} epoch(s) done, step {ckpt['step']}")
     return ckpt["epoch"] + 1, ckpt["step"]
 
 
 def save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step):
     """RUN/checkpoint.pt, atomically; every rank takes part in gathering the rows."""
-    state = dsm.gather_classifier(classifier, optimizers[1])
-    if dsm.is_main():
-        network = {key: value.detach().cpu() for key, value in net.state_dict().items()}
-        dsm.atomic_save({"network": network, "classifier": state, "optimizer": optimizers[0].state_dict(),
-                         "epoch": epoch, "step": global_step, "world_size": dsm.get_world_size(),
-                         "rng": {"seed": args.seed, "scheme": "reseeded every epoch from (seed, epoch, rank)"},
-                         "settings": settings, "args": vars(args)}, os.path.join(args.out, "checkpoint.pt"))
+    rows = dsm.gather_classifier(classifier, optimizers[1])
+    save_for_resume(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0], classifier=rows,
+                    epoch=epoch, step=global_step, args=vars(args),
+                    rng={"seed": args.seed, "scheme": "reseeded every epoch from (seed, epoch, rank)"})
 
 
 # ---------------------------------------------------------------- one epoch (steps 1-8)
 
-def train_one_epoch(model, classifier, optimizers, loader, table, hard_classes, args, epoch, base_lr,
+def train_one_epoch(model, classifier, optimizers, batches, steps, table, hard_classes, args, epoch, base_lr,
                     global_step, device):
     """One pass over the data: per step the lr of the schedule, the two views of each local instance
     (label = its instance id, Eq. 2's hard classes from `table`), train_step. Returns the epoch's
     record: mean loss, the rows' mean norm and turn per visit, time and the global step reached."""
     model.train()
-    steps, start = len(loader), time.perf_counter()
+    start = time.perf_counter()
     meter, total_loss, turn = Meter(), 0.0, torch.zeros(2, dtype=torch.float64, device=device)
-    for i, ((views, ids), wait) in enumerate(timed_batches(loader)):
+    for i, ((images, ids), wait) in enumerate(batches):
         meter.wait += wait
         lr = learning_rate(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-        images = extract_init.to_device(views.flatten(0, 1), device)  # [2b, C, H, W]
-        ids = ids.to(device, non_blocking=True)
-        labels = ids.repeat_interleave(2)  # both views of instance i have class i
+        labels = ids.repeat_interleave(2)  # images [2b, C, H, W]: both views of instance i have class i
         hard = None
         if table is not None:
             hard = hard_classes.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
@@ -309,6 +320,178 @@ def learning_rate(base_lr, progress, warmup_epochs, epochs):
         return base_lr * progress / warmup_epochs
     t = min(1.0, (progress - warmup_epochs) / max(epochs - warmup_epochs, 1e-12))
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------- the device data path
+
+class DeviceViews(torch.utils.data.Dataset):
+    """--data-path device: loader workers only read each file's bytes (cheap); the batch is decoded
+    on the device (JPEG on the GPU by torchvision.io.decode_jpeg) and turned into two views by
+    SimCLRViews there. With --cache-images every image is decoded once and kept as uint8 on the
+    device (tiny-ImageNet: 1.2 GB), and no file is read again."""
+
+    def __init__(self, paths, args, device):
+        self.paths, self.args, self.device = paths, args, device
+        self.augment = SimCLRViews(args.image_size)
+        self.cache = None
+        if args.cache_images:
+            loader = self.loader([list(range(i, min(i + 256, len(paths)))) for i in range(0, len(paths), 256)])
+            self.cache = [image for encoded, ids in loader for image in self.decode(encoded, ids)]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return torchvision.io.read_file(self.paths[index]), index
+
+    def loader(self, batches):
+        return torch.utils.data.DataLoader(self, batch_sampler=batches, num_workers=self.args.workers,
+                                           collate_fn=collate_lists)
+
+    def decode(self, encoded, ids):
+        """uint8 [3, H, W] images on the device; what torchvision cannot decode to 8-bit RGB goes
+        through 01's load_rgb (16-bit PNGs, odd formats), which names a broken file."""
+        if self.device.type == "cuda" and all(e[:2].tolist() == [0xFF, 0xD8] for e in encoded):  # JPEG
+            return torchvision.io.decode_jpeg(list(encoded), mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        images = []
+        for data, i in zip(encoded, ids):
+            try:
+                image = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+            except RuntimeError:
+                image = None
+            if image is None or image.dtype != torch.uint8:
+                with extract_init.bad_images_fail():
+                    image = torch.from_numpy(np.asarray(extract_init.load_rgb(self.paths[i])).copy()).permute(2, 0, 1)
+            images.append(image.to(self.device, non_blocking=True))
+        return images
+
+    def batches(self, sampler, local_batch, epoch):
+        """One epoch of ((views [2b, 3, S, S], ids [b]) on the device, seconds spent on them)."""
+        generator = torch.Generator().manual_seed(step_seed(self.args.seed, epoch, dsm.get_rank()))
+        order = list(sampler)
+        batches = [order[i:i + local_batch] for i in range(0, len(order) - local_batch + 1, local_batch)]
+        source = ((None, batch) for batch in batches) if self.cache is not None else self.loader(batches)
+        source = iter(source)
+        while True:
+            t0 = time.perf_counter()
+            encoded, ids = next(source, (None, None))
+            if ids is None:
+                return
+            images = [self.cache[i] for i in ids] if encoded is None else self.decode(encoded, ids)
+            views = torch.stack([self.augment(images, generator), self.augment(images, generator)], 1)
+            views = views.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else views
+            yield (views.flatten(0, 1), torch.tensor(ids, device=self.device)), time.perf_counter() - t0
+
+
+class SimCLRViews:
+    """01's train_transform as batched tensor operations on the device: random resized crop (scale
+    0.08-1, aspect 3/4-4/3), horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1; p 0.8, the four in a
+    random order), grayscale (p 0.2), Gaussian blur (p 0.5, sigma 0.1-2) and normalisation. Every
+    parameter is drawn per image, from the distribution torchvision draws it from (sample()), on a
+    CPU generator: the same views on CPU and GPU, and again after a resume."""
+
+    def __init__(self, size):
+        self.size, self.kernel = size, max(3, int(0.1 * size) // 2 * 2 + 1)  # as train_transform
+        self.mean = torch.tensor(extract_init.IMAGENET_MEAN)[:, None, None]
+        self.std = torch.tensor(extract_init.IMAGENET_STD)[:, None, None]
+
+    def __call__(self, images, generator):
+        """uint8 [3, H, W] images (a list; sizes may differ) -> one view each, float [n, 3, S, S]."""
+        heights = torch.tensor([image.shape[1] for image in images])
+        widths = torch.tensor([image.shape[2] for image in images])
+        p = {key: value.to(images[0].device) for key, value in self.sample(heights, widths, generator).items()}
+        x = resized_crops(images, p["box"], self.size)
+        x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+        for position in range(4):  # jitter: brightness, contrast, saturation, hue in each image's order
+            for op in range(4):
+                pick = (p["jitter"] & (p["order"][:, position] == op)).nonzero()[:, 0]
+                if len(pick):
+                    x[pick] = JITTER[op](x[pick], p["factor"][pick, op]).clamp(0, 1)
+        x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+        pick = p["blur"].nonzero()[:, 0]
+        if len(pick):
+            x[pick] = gaussian_blur(x[pick], p["sigma"][pick], self.kernel)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def sample(self, heights, widths, generator, attempts=10):
+        """Per-image parameters, as RandomResizedCrop.get_params (10 tries at a uniform area share and a
+        log-uniform aspect, then a centre crop) and RandomApply / ColorJitter.get_params draw them."""
+        n = len(heights)
+        uniform = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+        area = (heights * widths).double()[:, None] * (0.08 + 0.92 * uniform(n, attempts))
+        aspect = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * uniform(n, attempts))
+        w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+        fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+        first = fits.double().argmax(1, keepdim=True)  # the first try that fits
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        i, j = (uniform(n) * (heights - h + 1)).floor(), (uniform(n) * (widths - w + 1)).floor()
+        ratio = widths.double() / heights
+        w_centre = torch.where(ratio > 4 / 3, (heights * 4 / 3).round(), widths.double())
+        h_centre = torch.where(ratio < 3 / 4, (widths / (3 / 4)).round(), heights.double())
+        found = fits.any(1)
+        h, w = torch.where(found, h, h_centre), torch.where(found, w, w_centre)
+        i = torch.where(found, i, ((heights - h) / 2).floor())
+        j = torch.where(found, j, ((widths - w) / 2).floor())
+        factor = torch.stack([0.6 + 0.8 * uniform(n), 0.6 + 0.8 * uniform(n), 0.6 + 0.8 * uniform(n),
+                              -0.1 + 0.2 * uniform(n)], 1).float()
+        return {"box": torch.stack([i, j, h, w], 1).long(), "flip": uniform(n) < 0.5, "jitter": uniform(n) < 0.8,
+                "order": uniform(n, 4).argsort(1), "factor": factor, "gray": uniform(n) < 0.2,
+                "blur": uniform(n) < 0.5, "sigma": (0.1 + 1.9 * uniform(n)).float()}
+
+
+def resized_crops(images, box, size):
+    """Crops (top, left, height, width) of uint8 images, resized to size x size: float [n, 3, size,
+    size] in [0, 1]. Images of one shape go through one roi_align; others one by one."""
+    if all(image.shape == images[0].shape for image in images):
+        x = torch.stack(images).float() / 255
+        top, left, height, width = box.to(x).unbind(1)
+        rois = torch.stack([torch.arange(len(x), device=x.device, dtype=x.dtype), left, top, left + width, top + height], 1)
+        return torchvision.ops.roi_align(x, rois, size, aligned=True)
+    return torch.cat([F.interpolate(image[None, :, i:i + h, j:j + w].float() / 255, size=(size, size), mode="bilinear",
+                                    antialias=True, align_corners=False)
+                      for image, (i, j, h, w) in zip(images, box.tolist())])
+
+
+def grayscale(x):
+    """ITU-R 601 luma of float RGB images [n, 3, H, W] -> [n, 1, H, W] (torchvision's weights)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+
+def shift_hue(x, shift):
+    """Rotate the hue of float RGB images [n, 3, H, W] by `shift` [n] turns, in HSV as torchvision does."""
+    value, top = x.max(1)
+    delta = value - x.min(1).values
+    r, g, b = x.unbind(1)
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(top == 0, (g - b) / safe, torch.where(top == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    hue = (hue / 6 + shift[:, None, None]) % 1
+    saturation = delta / torch.where(value > 0, value, torch.ones_like(value))
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + 6 * hue[:, None]) % 6
+    return value[:, None] * (1 - saturation[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+JITTER = (lambda x, f: x * f[:, None, None, None],  # brightness: blend with black
+          lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * grayscale(x).mean((1, 2, 3), keepdim=True),
+          lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * grayscale(x),  # saturation
+          shift_hue)
+
+
+def gaussian_blur(x, sigma, kernel):
+    """Each image of x [n, 3, H, W] blurred by its own sigma [n]: a separable kernel x kernel Gaussian
+    with reflected borders, as torchvision's GaussianBlur."""
+    n, c, height, width = x.shape
+    taps = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    weights = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n * c, kernel]
+    pad = kernel // 2
+    y = F.pad(x.reshape(1, n * c, height, width), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, weights[:, None, :, None], groups=n * c)
+    return F.conv2d(y, weights[:, None, None, :], groups=n * c).view(n, c, height, width)
+
+
+def collate_lists(items):
+    """A batch as lists (of file bytes, of boxes...), for items that cannot be stacked."""
+    return tuple(list(column) for column in zip(*items))
 
 
 # ---------------------------------------------------------------- the kNN curve
@@ -476,11 +659,12 @@ def knn_accuracy(bank_x, bank_y, queries, query_y, num_classes, ks, temperature=
 
 # ---------------------------------------------------------------- small helpers shared by the stages
 
-def resume_from(path, settings):
+def resume_from(path, settings, network=None, optimizer=None):
     """One resume contract for every training stage (02, 04, 05): the checkpoint at `path`, or None
     when there is none. A checkpoint written by another stage, for other training data or with
     other settings is refused with one line naming what differs: resuming it would silently train
-    something else. `settings` holds "stage", "data" (the fingerprint) and flag values by name."""
+    something else. `settings` holds "stage", "data" (the fingerprint) and flag values by name. The
+    checkpoint's network and optimizer states are loaded into `network` and `optimizer` if given."""
     if not os.path.isfile(path):
         return None
     ckpt = extract_init.load_run_file(path, ("settings",), "delete it to start over")
@@ -493,7 +677,21 @@ def resume_from(path, settings):
         was = ", ".join(names.get(key) or f"--{key.replace('_', '-')} {saved.get(key)}" for key in changed)
         fail(f"{path} was written with other settings ({was}); rerun with those to resume, "
              "or delete it to start over")
+    if network is not None:
+        network.load_state_dict(ckpt["network"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if dsm.is_main():
+        print(f"resuming from {path} (saved by {ckpt['world_size']} process(es), now {dsm.get_world_size()})")
     return ckpt
+
+
+def save_for_resume(path, settings, network, optimizer, **progress):
+    """What resume_from reads, written atomically by rank 0: the settings, the network and optimizer
+    states and the stage's progress (epoch, history, ...)."""
+    if dsm.is_main():
+        dsm.atomic_save({"settings": settings, "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+                         "optimizer": optimizer.state_dict(), "world_size": dsm.get_world_size(), **progress}, path)
 
 
 def timed_batches(loader):

@@ -59,7 +59,7 @@ DEFAULT_CHUNK = {"cpu": 2048, "cuda": 8192}  # rows and columns per similarity b
 @torch.no_grad()
 def main(argv=None):
     args = parser.parse_args(argv)
-    with dsm.stage(args.out, args.device) as device:
+    with dsm.stage(args) as device:
         log = print if dsm.is_main() else (lambda *a, **k: None)
 
         # ---- classifier: the trained rows (checkpoint.pt of 02) if any, else the prior's (init.pt of 01) ----

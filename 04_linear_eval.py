@@ -28,10 +28,10 @@ Commands (after 01 and 02; --arch and --image-size default to the run's):
       04_linear_eval.py --data /datasets/imagenet --out runs/in1k --label-fraction 0.01
 ROOT/val: ImageFolder with train/'s class names, or tiny-ImageNet's images/ + val_annotations.txt.
 """
+import collections
 import contextlib
 import hashlib
 import importlib
-import json
 import math
 import os
 import time
@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 import dist_softmax as dsm
@@ -56,7 +55,8 @@ parser.add_argument("--epochs", type=extract_init.POSITIVE, default=None, help="
 parser.add_argument("--pretrained", default=None, metavar="PATH|random",
                     help="backbone to evaluate (default RUN/backbone.pt); 'random': the random-init baseline")
 parser.add_argument("--knn", action="store_true", help="weighted kNN instead of the linear probe")
-parser.add_argument("--knn-k", default="20,200", help="neighbour counts, comma-separated (the first is top1/top5)")
+parser.add_argument("--knn-k", type=lambda text: [extract_init.POSITIVE(k) for k in text.split(",")], default=[20, 200],
+                    help="neighbour counts, comma-separated (the first gives top1/top5)")
 parser.add_argument("--knn-temperature", type=extract_init.RATE, default=0.07)
 parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=4096,
                     help="kNN: queries and training rows per similarity block (bounds memory)")
@@ -84,7 +84,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     protocol = "knn" if args.knn else "semi" if args.label_fraction is not None else "linear"
     check_arguments(args, protocol)
-    with dsm.stage(args.out, args.device) as device:
+    with dsm.stage(args) as device:
         log = print if dsm.is_main() else (lambda *a, **k: None)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -99,7 +99,7 @@ def main(argv=None):
 
         # ---- backbone ----
         source = args.pretrained or os.path.join(args.out, "backbone.pt")
-        network_defaults(args, source, log)
+        network_defaults(args, log)
         if source != "random" and args.pretrained is None and not os.path.isfile(source):
             fail(f"{source} not found; run 02_pretrain.py with --out {args.out} first, pass --pretrained PATH, "
                  f"or --pretrained random for the random-init baseline")
@@ -112,7 +112,6 @@ def main(argv=None):
         log(f"04_linear_eval: {protocol}{' (cached features)' if args.cached_features else ''} of {described}; "
             f"{args.arch} at {args.image_size} px, {len(paths)} train / {len(val_paths)} val images, {len(classes)} "
             f"classes, {dsm.get_world_size()} process(es) on {device}, batch {args.batch_size} ({local_batch} per process)")
-        log("args: " + json.dumps(vars(args), sort_keys=True))
 
         # ---- the protocol ----
         train = extract_init.ImageList(paths, None, labels)
@@ -144,33 +143,16 @@ def check_arguments(args, protocol):
         fail(f"--{'cached-features' if args.cached_features else 'standardize'} applies to the linear probe only; drop it")
     if args.subset_file is not None and args.label_fraction is None:
         fail("--subset-file is for semi-supervised fine-tuning; also pass --label-fraction (0.01 or 0.1)")
-    if protocol == "knn":
-        try:
-            args.knn_k = [int(k) for k in str(args.knn_k).split(",")]
-        except ValueError:
-            args.knn_k = []
-        if not args.knn_k or min(args.knn_k) < 1:
-            fail(f"--knn-k {args.knn_k} must list positive neighbour counts, e.g. 20,200")
 
 
-def network_defaults(args, source, log):
-    """--arch / --image-size not given: take them from the checkpoint or RUN/init.pt (01 recorded
-    them and 02 kept them), so `--out RUN --data ROOT` evaluates what that run trained."""
-    if args.arch is not None and args.image_size is not None:
-        return
-    made, origin = {}, None
-    for path in (source, os.path.join(args.out, "init.pt")):
-        if os.path.isfile(path):
-            try:
-                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception:  # noqa: BLE001 - an unreadable file is reported when the backbone loads
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("args"), dict) and "arch" in obj["args"]:
-                made, origin = obj["args"], path
-                break
+def network_defaults(args, log):
+    """--arch / --image-size not given: those RUN/init.pt records (01 built the network, 02 kept it),
+    so `--out RUN --data ROOT` evaluates what that run trained; without init.pt resnet50 at 224 px."""
+    init = os.path.join(args.out, "init.pt")
+    made = extract_init.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
     args.arch = args.arch or made.get("arch", "resnet50")
     args.image_size = args.image_size or made.get("image_size", 224)
-    log(f"network: {args.arch} at {args.image_size} px ({'as in ' + origin if origin else 'defaults'}; "
+    log(f"network: {args.arch} at {args.image_size} px ({'as in ' + init if made else 'defaults'}; "
         f"--arch/--image-size override)")
 
 
@@ -286,15 +268,7 @@ def trained_protocol(args, protocol, name, settings, backbone, width, train, val
     # ---- resume ----
     ckpt_path = os.path.join(args.out, name + ("_cached" if args.cached_features else "") + "_checkpoint.pt")
     trained = probe if protocol == "semi" else probe.fc  # what the checkpoint must restore
-    history = []
-    ckpt = pretrain.resume_from(ckpt_path, settings)
-    if ckpt is not None:
-        trained.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = ckpt["history"]
-        log(f"resumed from {ckpt_path}: {len(history)}/{args.epochs} epoch(s) done "
-            f"(saved by {ckpt['world_size']} process(es), now {dsm.get_world_size()})")
-        del ckpt
+    history = (pretrain.resume_from(ckpt_path, settings, trained, optimizer) or {}).get("history", [])
 
     # ---- epochs ----
     t_start, first_epoch = time.perf_counter(), len(history)
@@ -310,9 +284,7 @@ def trained_protocol(args, protocol, name, settings, backbone, width, train, val
             print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
                   f"({count} val) {time.perf_counter() - t0:.1f} s eta {pretrain.format_seconds(eta)}", flush=True)
             pretrain.write_log(os.path.join(args.out, name + "_log.jsonl"), history[-1])
-            dsm.atomic_save({"model": {k: v.detach().cpu() for k, v in trained.state_dict().items()},
-                             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                             "settings": settings, "world_size": dsm.get_world_size()}, ckpt_path)
+        pretrain.save_for_resume(ckpt_path, settings, trained, optimizer, epoch=epoch, history=history)
 
     # ---- the frozen backbone must be exactly what was loaded ----
     result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "settings": settings,
@@ -369,9 +341,7 @@ def protocol_optimizer(args, protocol, probe, settings, log):
 def image_training(args, probe, optimizer, train, val, local_batch, device, log):
     """(train one epoch, evaluate) on augmented images: DDP over the processes, resumable crops."""
     rank, world = dsm.get_rank(), dsm.get_world_size()
-    model = probe
-    if world > 1:
-        model = DistributedDataParallel(probe, device_ids=[device] if device.type == "cuda" else None)
+    model = dsm.data_parallel(probe, device)
     train.transform = probe_train_transform(args.image_size)
     sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=local_batch, sampler=sampler,
@@ -454,34 +424,22 @@ def image_epoch(model, optimizer, loader, args, epoch, device, log):
 def cached_epoch(probe, optimizer, train_x, train_y, start, num_train, args, epoch):
     """One epoch of the linear layer on cached features. The global batches come from one
     permutation shared by all ranks; each rank takes the members of the batch in its feature shard
-    [start, start + len(train_x)) and one all_reduce sums gradients and loss, so the step equals
-    the single-process one on any process count. Returns (mean loss, last lr)."""
+    [start, start + len(train_x)), and one all_reduce sums the gradients and the loss, so the step
+    equals the single-process one on any process count. Returns (mean loss, last lr)."""
     order = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
-    order = order.to(train_x.device)
-    steps = math.ceil(num_train / args.batch_size)
-    params = [probe.fc.weight, probe.fc.bias]  # the order of the gradients in `flat`
-    total, lr = 0.0, 0.0
+    order, steps, total, lr = order.to(train_x.device), math.ceil(num_train / args.batch_size), 0.0, 0.0
+    params = [probe.fc.weight, probe.fc.bias]
     for i in range(steps):
         batch = order[i * args.batch_size:(i + 1) * args.batch_size]
         mine = batch[(batch >= start) & (batch < start + len(train_x))] - start
         lr = set_lr(optimizer, epoch + (i + 0.5) / steps, args.epochs)
-        # Cross-entropy and its gradient in closed form (d loss / d logits = softmax - one-hot):
-        # the layer is tiny, and skipping autograd keeps a CPU epoch at milliseconds.
-        with torch.no_grad():
-            z = (train_x[mine] - probe.shift) * probe.scale
-            logits = probe.fc(z)
-            g = logits.softmax(dim=1)
-            target = train_y[mine]
-            loss_sum = (logits.logsumexp(dim=1) - logits.gather(1, target[:, None])[:, 0]).sum()
-            g[torch.arange(len(target), device=g.device), target] -= 1
-            flat = torch.cat([(g.t() @ z).flatten(), g.sum(0), loss_sum.view(1)])
+        loss_sum = F.cross_entropy(probe.classify(train_x[mine]), train_y[mine], reduction="sum")
+        flat = torch.cat([g.flatten() for g in torch.autograd.grad(loss_sum, params)] + [loss_sum.detach().view(1)])
         if dist.is_initialized():
             dist.all_reduce(flat)
         flat /= len(batch)  # the mean over the global batch
-        offset = 0
-        for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
         optimizer.step()
         value = flat[-1].item()
         if not math.isfinite(value):
@@ -631,30 +589,20 @@ def class_balanced_subset(labels, fraction, seed):
 
 def read_subset_file(path, train_paths, train_dir):
     """Sorted indices of the images a subset file names: one per line, a path under train/ or a
-    bare file name (as in the 1% / 10% ImageNet lists)."""
+    file name that occurs once (as in the 1% / 10% ImageNet lists)."""
     if not os.path.isfile(path):
         fail(f"--subset-file {path} not found")
     rel = [os.path.relpath(p, train_dir).replace(os.sep, "/") for p in train_paths]
-    by_rel = {r: i for i, r in enumerate(rel)}
-    by_name = {}
-    for i, r in enumerate(rel):
-        by_name.setdefault(os.path.basename(r), []).append(i)
-    chosen = set()
+    names = [os.path.basename(r) for r in rel]
+    once = {n for n, count in collections.Counter(names).items() if count == 1}
+    index = {**{n: i for i, n in enumerate(names) if n in once}, **{r: i for i, r in enumerate(rel)}}
     with open(path) as f:
-        for line in f:
-            name = line.strip()
-            if not name:
-                continue
-            if name in by_rel:
-                chosen.add(by_rel[name])
-            elif "/" not in name and len(by_name.get(name, [])) == 1:
-                chosen.add(by_name[name][0])
-            else:
-                fail(f"--subset-file {path} names {name!r}, which is not one image under {train_dir} "
-                     f"(give paths relative to train/ or unique file names)")
-    if not chosen:
-        fail(f"--subset-file {path} names no images")
-    return sorted(chosen)
+        wanted = [line.strip() for line in f if line.strip()]
+    unknown = [name for name in wanted if name not in index]
+    if unknown or not wanted:
+        fail(f"--subset-file {path} names {unknown[0]!r}, which is not one image under {train_dir} (give paths "
+             "relative to train/ or unique file names)" if unknown else f"--subset-file {path} names no images")
+    return sorted({index[name] for name in wanted})
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 import torchvision
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 from torchvision.ops import box_iou
 from torchvision.transforms import functional as TF
@@ -107,15 +106,17 @@ def main(argv=None):
         fail(f"--task {args.task} needs --data ROOT (the dataset's local folder)")
     args.init = args.init or os.path.join(args.out, "backbone.pt")
     args.lr = args.lr if args.lr is not None else {"classify": 0.1, "detect": 0.02}.get(args.task)
-    with dsm.stage(args.out, args.device) as device:
+    with dsm.stage(args) as device:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         {"classify": classify, "detect": detect, "export": export}[args.task](args, device)
 
 
-def result_name(args):
-    """transfer_<task>_<dataset>, with _random for the random-init baseline (04's word for it)."""
-    return f"transfer_{args.task}_{args.dataset}" + ("_random" if args.init == "random" else "")
+def result_files(args):
+    """(RUN/transfer_<task>_<dataset>[_random] without extension, its checkpoint); _random marks the
+    random-init baseline (04's word for it)."""
+    stem = os.path.join(args.out, f"transfer_{args.task}_{args.dataset}" + ("_random" if args.init == "random" else ""))
+    return stem, stem + "_checkpoint.pt"
 
 
 def settings_of(args, keys, backbone):
@@ -147,7 +148,7 @@ def classify(args, device):
     probe = linear_eval.Probe(backbone, width, num_classes, frozen=False).to(device)
     if device.type == "cuda":
         probe = probe.to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(probe, device_ids=[device] if device.type == "cuda" else None) if world > 1 else probe
+    model = dsm.data_parallel(probe, device)
 
     # ---- optimiser: head at lr, backbone at lr x --backbone-lr-scale, cosine (04's set_lr) ----
     head_lr = args.lr * args.batch_size / 256
@@ -158,19 +159,10 @@ def classify(args, device):
         f"{num_classes} classes, {world} process(es) on {device}, batch {args.batch_size} ({local_batch} per process), "
         f"{len(loader)} steps/epoch, head lr {args.lr:g} x {args.batch_size}/256 = {head_lr:.6g}, backbone lr x "
         f"{args.backbone_lr_scale:g}, backbone {described}")
-    log("args: " + json.dumps(vars(args), sort_keys=True))
 
     # ---- resume, then epochs: train (04's image_epoch), top-1/top-5 on the whole test split ----
-    name = result_name(args)
-    ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
-    history = []
-    ckpt = pretrain.resume_from(ckpt_path, settings)
-    if ckpt is not None:
-        probe.load_state_dict(ckpt["network"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = ckpt["history"]
-        log(f"resumed from {ckpt_path}: {len(history)} epoch(s) done")
-        del ckpt
+    result, ckpt_path = result_files(args)
+    history = (pretrain.resume_from(ckpt_path, settings, probe, optimizer) or {}).get("history", [])
     for epoch in range(len(history), args.epochs):
         dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in {os.path.basename(ckpt_path)})"
         t0 = time.perf_counter()
@@ -182,17 +174,15 @@ def classify(args, device):
                         "epoch_s": round(time.perf_counter() - t0, 3)})
         log(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
             f"({count} test images) {time.perf_counter() - t0:.1f} s", flush=True)
+        pretrain.save_for_resume(ckpt_path, settings, probe, optimizer, epoch=epoch, history=history)
         if dsm.is_main():
-            dsm.atomic_save({"network": {k: v.detach().cpu() for k, v in probe.state_dict().items()},
-                             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                             "settings": settings}, ckpt_path)
-            extract_init.write_json(os.path.join(args.out, name + ".json"), {
+            extract_init.write_json(result + ".json", {
                 "task": "classify", "dataset": args.dataset, "settings": settings, "init": described,
                 "num_classes": num_classes, "train_images": len(train_set), "test_images": count,
                 "head_lr": head_lr, "backbone_lr": head_lr * args.backbone_lr_scale, "epochs_done": epoch + 1,
                 "world_size": world, "top1": top1, "top5": top5, "best_top1": max(h["top1"] for h in history),
                 "history": history})
-    log(f"wrote {os.path.join(args.out, name + '.json')}")
+    log(f"wrote {result}.json")
 
 
 def classify_transforms(image_size):
@@ -318,27 +308,17 @@ def detect(args, device):
     elif args.det_norm == "train" and world > 1:
         log("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own images")
     net = net.to(device)
-    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+    model = dsm.data_parallel(net, device)
     base_lr = args.lr * args.batch_size / 16
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=base_lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    log(f"05_transfer detect: VOC {' + '.join(args.voc_train)} ({len(train_set)} images) -> {args.voc_test} "
-        f"({test_count} images), {world} process(es) on {device}, batch {args.batch_size} ({local_batch} per "
-        f"process), {args.iters} iterations, lr {args.lr:g} x {args.batch_size}/16 = "
-        f"{base_lr:.6g}, BN {args.det_norm}{' (SyncBN)' if sync_bn else ''}, backbone {described}")
-    log("args: " + json.dumps(vars(args), sort_keys=True))
+    log(f"05_transfer detect: VOC {' + '.join(args.voc_train)} ({len(train_set)} images) -> {args.voc_test} ({test_count}),"
+        f" {world} process(es) on {device}, batch {args.batch_size}, {args.iters} iterations, lr {args.lr:g} x "
+        f"{args.batch_size}/16 = {base_lr:.6g}, BN {args.det_norm}{' (SyncBN)' if sync_bn else ''}, backbone {described}")
 
     # ---- resume, train, evaluate ----
-    name = result_name(args)
-    ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
-    it = 0
-    ckpt = pretrain.resume_from(ckpt_path, settings)
-    if ckpt is not None:
-        net.load_state_dict(ckpt["network"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        it = ckpt["iteration"]
-        log(f"resumed from {ckpt_path} at iteration {it}")
-        del ckpt
+    result, ckpt_path = result_files(args)
+    it = (pretrain.resume_from(ckpt_path, settings, net, optimizer) or {}).get("iteration", 0)
     it = train_detector(model, net, optimizer, train_set, args, settings, base_lr, local_batch, it, ckpt_path,
                         device, log)
     t0 = time.perf_counter()
@@ -353,7 +333,7 @@ def detect(args, device):
         result = voc_ap(detections, truths, len(VOC_CLASSES), metric=args.ap_metric)
         log(f"VOC {args.voc_test} ({test_count} images, {time.perf_counter() - t0:.1f} s): AP {result['AP']:.2f} "
             f"AP50 {result['AP50']:.2f} AP75 {result['AP75']:.2f} ({args.ap_metric} interpolation)")
-        path = os.path.join(args.out, name + ".json")
+        path = result + ".json"
         extract_init.write_json(path, {
             "task": "detect", "dataset": "voc", "settings": settings, "init": described,
             "train_images": len(train_set), "test_images": test_count, "iterations": it, "lr": base_lr,
@@ -382,7 +362,7 @@ def train_detector(model, net, optimizer, train_set, args, settings, base_lr, lo
         order = list(sampler)
         batches = [order[i:i + local_batch] for i in range(skip * local_batch, steps_per_epoch * local_batch, local_batch)]
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=args.workers,
-                                             collate_fn=collate_detection, pin_memory=device.type == "cuda")
+                                             collate_fn=pretrain.collate_lists, pin_memory=device.type == "cuda")
         model.train()
         for (images, targets), wait in pretrain.timed_batches(loader):
             meter.wait += wait
@@ -408,9 +388,8 @@ def train_detector(model, net, optimizer, train_set, args, settings, base_lr, lo
                     f"data {100 * r['data_wait']:.0f}% eta {pretrain.format_seconds(r['eta_s'])} "
                     f"mem {r['peak_mem_gib']:.2f}G", flush=True)
                 meter = pretrain.Meter()
-            if dsm.is_main() and (it % args.ckpt_every == 0 or it == args.iters):
-                dsm.atomic_save({"network": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                                 "optimizer": optimizer.state_dict(), "iteration": it, "settings": settings}, ckpt_path)
+            if it % args.ckpt_every == 0 or it == args.iters:
+                pretrain.save_for_resume(ckpt_path, settings, net, optimizer, iteration=it)
             if it == args.iters:
                 break
     return it
@@ -466,10 +445,6 @@ def voc_objects(target):
             torch.tensor(difficult, dtype=torch.bool))
 
 
-def collate_detection(batch):
-    return tuple(zip(*batch))
-
-
 def parse_split(text):
     year, _, split = text.partition(":")
     if year not in [str(y) for y in range(2007, 2013)] or split not in ("train", "val", "trainval", "test"):
@@ -514,7 +489,7 @@ def detect_shard(net, dataset, count, device):
     a list of (image index, boxes [n, 4], scores [n], labels [n] in 0..19) on the CPU."""
     start, end = dsm.shard_range(count, dsm.get_rank(), dsm.get_world_size())
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)), batch_size=1,
-                                         collate_fn=collate_detection)
+                                         collate_fn=pretrain.collate_lists)
     net.eval()
     train_sizes, net.transform.min_size = net.transform.min_size, (net.transform.test_size,)
     out = []

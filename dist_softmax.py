@@ -26,6 +26,7 @@ rows (with their SGD momentum) in a form that loads onto any number of processes
 """
 import contextlib
 import glob
+import json
 import os
 import signal
 import socket
@@ -82,6 +83,13 @@ def finish_distributed(owns_group):
         dist.destroy_process_group()
 
 
+def data_parallel(module, device):
+    """`module` in DDP over the process group (one device per process), or as it is in one process."""
+    if get_world_size() == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
 def atomic_save(obj, path, dump=torch.save):
     """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
     half a file, and a full disk leaves the previous file as it was (one line, exit 2). torch.save
@@ -128,21 +136,24 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def stage(out, device="auto"):
-    """Run one stage on this process and yield its device: join torchrun's process group when
-    launched by torchrun, hold the run folder RUN (--out) against a second run (RUN/.lock, taken by
-    rank 0), remove the temporary files a killed run left there, and leave the group at the end.
+def stage(args):
+    """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
+    process group when launched by torchrun, hold the run folder RUN (--out) against a second run
+    (RUN/.lock, taken by rank 0), remove the temporary files a killed run left there, print the
+    arguments, and leave the group at the end.
 
     Every way of stopping ends in one line on stderr on every rank: its own error (exit 2); "stopped
     because process R failed" when another rank's error broke a collective; on Ctrl-C or SIGTERM,
     where the run stands and that the same command resumes it (exit 130 / 143)."""
-    owns_group = not dist.is_initialized()
-    device = init_distributed(device)
+    out, owns_group = args.out, not dist.is_initialized()
+    device = init_distributed(args.device)
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     PROGRESS["where"] = None
     holder = None
     try:
         holder = _hold_run_folder(out, device)
+        if is_main():
+            print("args: " + json.dumps(vars(args), sort_keys=True), flush=True)
         yield device
         finish_distributed(owns_group)
     except (KeyboardInterrupt, Terminated) as e:

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import demo_data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -90,3 +92,16 @@ def real_photos(dest, classes=2, train_per_class=40, val_per_class=10):
                 keep += [m for m in members if m.name.split("/")[1:3] == [split, name]][:count]
         tar.extractall(dest, members=keep, filter="data")
     return os.path.join(dest, "cifar10-dev")
+
+
+def stage_argv(data, out, size, batch, *extra):
+    """The flags the stage tests share: a resnet18 at `size` px, global batch `batch`, no loader workers."""
+    return ["--data", data, "--out", out, "--arch", "resnet18", "--image-size", str(size),
+            "--batch-size", str(batch), "--workers", "0", *extra]
+
+
+def demo_folder(tmp_path_factory, classes, train_per_class, val_per_class, size):
+    """A generated ImageFolder data set (tests/demo_data.py) in a fresh temporary folder."""
+    root = str(tmp_path_factory.mktemp("demo"))
+    return demo_data.make_demo_dataset(root, num_classes=classes, train_per_class=train_per_class,
+                                       val_per_class=val_per_class, image_size=size)

@@ -8,9 +8,8 @@ import torchvision
 from PIL import Image
 
 import demo_data
-from helpers import run_distributed, stage
+from helpers import demo_folder, run_distributed, stage, stage_argv
 
-import dist_softmax
 
 extract = stage("01_extract_init")
 torch.set_num_threads(1)
@@ -20,13 +19,11 @@ SIZE, BATCH = 16, 8  # 4 classes x 8 images at 16 px: 32 instances
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo"))
-    return demo_data.make_demo_dataset(root, num_classes=4, train_per_class=8, val_per_class=2, image_size=SIZE)
+    return demo_folder(tmp_path_factory, 4, 8, 2, SIZE)
 
 
 def argv_01(data, out, *extra):
-    return ["--data", data, "--out", out, "--arch", "resnet18", "--image-size", str(SIZE),
-            "--batch-size", str(BATCH), "--workers", "0", "--diagnostic-samples", "16", *extra]
+    return stage_argv(data, out, SIZE, BATCH, "--diagnostic-samples", "16", *extra)
 
 
 def run_01(data, out, *extra):

@@ -7,13 +7,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
 import demo_data
-from helpers import ROOT, free_port, interrupt_at_epoch, real_photos, run_distributed, stage
+from helpers import ROOT, free_port, interrupt_at_epoch, real_photos, run_distributed, stage, stage_argv
 
 import dist_softmax
 
@@ -24,15 +25,18 @@ torch.set_num_threads(1)
 SIZE, BATCH = 16, 8  # 32 instances at 16 px, 4 steps per epoch on one process
 
 
+def demo_run(base, val_per_class):
+    """Demo data (4 classes x 8 images) and a run folder holding 01's init.pt for it."""
+    data = demo_data.make_demo_dataset(str(base / "demo"), num_classes=4, train_per_class=8,
+                                       val_per_class=val_per_class, image_size=SIZE)
+    extract.main(stage_argv(data, str(base / "run"), SIZE, BATCH, "--diagnostic-samples", "8"))
+    return data, str(base / "run")
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Demo data and a run folder holding 01's init.pt, copied by each test that trains."""
-    base = tmp_path_factory.mktemp("pretrain")
-    data = demo_data.make_demo_dataset(str(base / "demo"), num_classes=4, train_per_class=8, val_per_class=0,
-                                     image_size=SIZE)
-    extract.main(["--data", data, "--out", str(base / "run"), "--arch", "resnet18", "--image-size", str(SIZE),
-                  "--batch-size", str(BATCH), "--workers", "0", "--diagnostic-samples", "8"])
-    return data, str(base / "run")
+    """Demo data without val/ and a run folder holding 01's init.pt, copied by each test that trains."""
+    return demo_run(tmp_path_factory.mktemp("pretrain"), val_per_class=0)
 
 
 @pytest.fixture
@@ -187,7 +191,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(run):
     pretrain.main(argv_02(data, out, 1))
     done = torchrun(2, "02_pretrain.py", argv_02(data, out, 2))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stdout and "saved by 1 process(es), now 2" in done.stdout
+    assert "resuming from" in done.stdout and "saved by 1 process(es), now 2" in done.stdout
     epochs = [e for e, _, _ in step_losses(out)]
     assert epochs == [0] * 4 + [1] * 4  # 2 processes x 4 instances: still 4 steps per epoch
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
@@ -322,13 +326,8 @@ def test_row_turn_degrees_measures_small_and_large_angles():
 
 @pytest.fixture(scope="module")
 def with_val(tmp_path_factory):
-    """Demo data with a val/ folder and its 01 run folder."""
-    base = tmp_path_factory.mktemp("knn")
-    data = demo_data.make_demo_dataset(str(base / "demo"), num_classes=4, train_per_class=8, val_per_class=3,
-                                     image_size=SIZE)
-    extract.main(["--data", data, "--out", str(base / "run"), "--arch", "resnet18", "--image-size", str(SIZE),
-                  "--batch-size", str(BATCH), "--workers", "0", "--diagnostic-samples", "8"])
-    return data, str(base / "run")
+    """Demo data with a val/ folder (12 images) and its 01 run folder."""
+    return demo_run(tmp_path_factory.mktemp("knn"), val_per_class=3)
 
 
 def knn_records(out):
@@ -377,7 +376,6 @@ def test_the_knn_curve_is_the_same_on_two_processes(with_val, tmp_path):
     pretrain.main(argv_02(data, one, 1, "--knn-every", "1"))
     ckpt = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)
     # 02 on two processes trains another network; score the one-process backbone on two processes.
-    evaluation = stage("04_linear_eval")
     torch.save({k[len("backbone."):]: v for k, v in ckpt["network"].items() if k.startswith("backbone.")},
                os.path.join(two, "backbone.pt"))
     run_distributed(_knn_of_backbone, 2, data, two, knn_records(one)[0][1])
@@ -387,3 +385,99 @@ def _knn_of_backbone(rank, world_size, data, out, expected):
     evaluation = stage("04_linear_eval")
     result = evaluation.main(["--data", data, "--out", out, "--knn", "--workers", "0", "--batch-size", "4"])
     assert result["results"]["20"]["top1"] == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- the device data path
+
+def ks_distance(a, b):
+    """The two-sample Kolmogorov-Smirnov statistic of two 1-D samples."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (32, 48), (30, 200)])
+def test_device_crops_are_drawn_like_random_resized_crop(height, width):
+    """Area share and aspect of 20,000 crops against torchvision's get_params on the same image size
+    (30 x 200 often ends in the centre-crop fallback): KS distance below its 0.1% critical value."""
+    n = 20000
+    views = pretrain.SimCLRViews(16)
+    box = views.sample(torch.full((n,), height), torch.full((n,), width), torch.Generator().manual_seed(0))["box"]
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    reference = torch.tensor([torchvision.transforms.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+                              for _ in range(n)])
+    critical = 1.95 * math.sqrt(2 / n)
+    for ours, theirs in ((box[:, 2] * box[:, 3], reference[:, 2] * reference[:, 3]),  # area
+                         (box[:, 3] / box[:, 2], reference[:, 3] / reference[:, 2]),  # aspect w / h
+                         (box[:, 0] / (height - box[:, 2] + 1), reference[:, 0] / (height - reference[:, 2] + 1))):
+        assert ks_distance(ours, theirs) < critical
+    assert ((box[:, 0] + box[:, 2] <= height) & (box[:, 1] + box[:, 3] <= width) & (box[:, 2:] > 0).all(1)).all()
+
+
+def test_device_flip_jitter_grayscale_and_blur_rates_and_ranges():
+    n = 40000
+    p = pretrain.SimCLRViews(16).sample(torch.full((n,), 32), torch.full((n,), 32), torch.Generator().manual_seed(1))
+    for key, rate in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
+        assert abs(p[key].float().mean().item() - rate) < 4 * math.sqrt(rate * (1 - rate) / n), key
+    factor = p["factor"]
+    assert factor[:, :3].min() >= 0.6 and factor[:, :3].max() <= 1.4 and factor[:, 3].abs().max() <= 0.1
+    for column, (low, high) in enumerate([(0.6, 1.4)] * 3 + [(-0.1, 0.1)]):  # uniform over the range
+        assert ks_distance(factor[:, column], np.random.default_rng(column).uniform(low, high, n)) < 1.95 * math.sqrt(2 / n)
+    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0
+    orders = torch.unique(p["order"], dim=0, return_counts=True)[1]
+    assert len(orders) == 24 and orders.min() > 0.8 * n / 24  # every order of the four jitters, equally often
+
+
+def test_device_augmentations_equal_torchvision_functional_ops():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 3, 20, 24, generator=generator)
+    factor = 0.6 + 0.8 * torch.rand(6, generator=generator)
+    shift = 0.2 * torch.rand(6, generator=generator) - 0.1
+    functional = torchvision.transforms.functional
+    for op, reference, f in ((0, functional.adjust_brightness, factor), (1, functional.adjust_contrast, factor),
+                             (2, functional.adjust_saturation, factor), (3, functional.adjust_hue, shift)):
+        expected = torch.stack([reference(image, float(value)) for image, value in zip(x, f)])
+        torch.testing.assert_close(pretrain.JITTER[op](x, f).clamp(0, 1), expected, atol=2e-6, rtol=0)
+    sigma = 0.1 + 1.9 * torch.rand(6, generator=generator)
+    expected = torch.stack([functional.gaussian_blur(image, [5, 5], [float(s)] * 2) for image, s in zip(x, sigma)])
+    torch.testing.assert_close(pretrain.gaussian_blur(x, sigma, 5), expected, atol=1e-6, rtol=0)
+    images = [(255 * torch.rand(3, h, w, generator=generator)).byte() for h, w in ((40, 30), (33, 50))]
+    box = torch.tensor([[2, 3, 20, 15], [1, 2, 30, 40]])
+    expected = torch.stack([functional.resized_crop(image.float() / 255, *b.tolist(), [16, 16], antialias=True)
+                            for image, b in zip(images, box)])
+    torch.testing.assert_close(pretrain.resized_crops(images, box, 16), expected, atol=1e-6, rtol=0)
+
+
+def test_device_views_are_the_same_for_the_same_generator_and_normalised(tmp_path):
+    images = [(255 * torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i))).byte() for i in range(8)]
+    views = pretrain.SimCLRViews(16)
+    a = views(images, torch.Generator().manual_seed(5))
+    b = views(images, torch.Generator().manual_seed(5))
+    assert a.shape == (8, 3, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a, views(images, torch.Generator().manual_seed(6)))
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29 points to torchcodec
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_device_path_trains_and_resumes_exactly(run, tmp_path, monkeypatch, cache):
+    """02 --data-path device on the CPU: interrupted after epoch 0 and resumed, the same losses as an
+    uninterrupted run; with --cache-images the same again (the views do not depend on the cache)."""
+    data, out = run
+    extra = ["--data-path", "device"] + (["--cache-images"] if cache else [])
+    whole = str(tmp_path / "whole")
+    shutil.copytree(out, whole)
+    pretrain.main(argv_02(data, whole, 2, *extra))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.utils.data.DistributedSampler, "set_epoch", interrupt_at_epoch(1))
+        with pytest.raises(SystemExit):
+            pretrain.main(argv_02(data, out, 2, *extra))
+    pretrain.main(argv_02(data, out, 2, *extra))
+    assert step_losses(out) == step_losses(whole) and len(step_losses(out)) == 8
+    if cache:
+        plain = str(tmp_path / "plain")
+        shutil.copytree(whole, plain)
+        for name in ("checkpoint.pt", "pretrain_log.jsonl", "backbone.pt"):
+            os.remove(os.path.join(plain, name))
+        pretrain.main(argv_02(data, plain, 2, "--data-path", "device"))
+        assert step_losses(plain) == step_losses(whole)

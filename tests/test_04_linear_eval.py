@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import demo_data
-from helpers import run_distributed, stage
+from helpers import demo_folder, run_distributed, stage, stage_argv
 
 import dist_softmax
 
@@ -22,13 +21,11 @@ SIZE, BATCH = 16, 6  # 3 classes x 6 train / 3 val images at 16 px: 18 train, 9 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo"))
-    return demo_data.make_demo_dataset(root, num_classes=3, train_per_class=6, val_per_class=3, image_size=SIZE)
+    return demo_folder(tmp_path_factory, 3, 6, 3, SIZE)
 
 
 def argv_04(data, out, *extra):
-    return ["--data", data, "--out", out, "--arch", "resnet18", "--image-size", str(SIZE),
-            "--batch-size", str(BATCH), "--workers", "0", "--epochs", "2", *extra]
+    return stage_argv(data, out, SIZE, BATCH, "--epochs", "2", *extra)
 
 
 def save_backbone(out, seed=1):
@@ -150,8 +147,8 @@ def test_cached_probe_gives_the_same_result_on_one_and_two_processes(data, tmp_p
     assert [h["val_images"] for h in b["history"]] == [9, 9]  # 5 + 4: no image dropped or counted twice
     assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
     assert a["history"][-1]["loss"] == pytest.approx(b["history"][-1]["loss"], rel=1e-5)
-    wa = torch.load(os.path.join(one, "linear_eval_random_cached_checkpoint.pt"), weights_only=True)["model"]
-    wb = torch.load(os.path.join(two, "linear_eval_random_cached_checkpoint.pt"), weights_only=True)["model"]
+    wa = torch.load(os.path.join(one, "linear_eval_random_cached_checkpoint.pt"), weights_only=True)["network"]
+    wb = torch.load(os.path.join(two, "linear_eval_random_cached_checkpoint.pt"), weights_only=True)["network"]
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
 
@@ -229,13 +226,13 @@ def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path
     assert len(saves) == 1
     capsys.readouterr()
     evaluation.main(argv_04(data, broken, *extra))
-    assert "resumed from" in capsys.readouterr().out
+    assert "resuming from" in capsys.readouterr().out
     name = "linear_eval_random_cached_checkpoint.pt"
     a = torch.load(os.path.join(whole, name), weights_only=True)
     b = torch.load(os.path.join(broken, name), weights_only=True)
     assert b["epoch"] == 2
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["network"]:
+        assert torch.equal(a["network"][key], b["network"][key]), key
     assert a["history"][-1]["top1"] == b["history"][-1]["top1"]
 
 
@@ -339,7 +336,7 @@ def test_semi_supervised_fine_tunes_the_backbone_and_writes_semi_json(data, tmp_
     assert result["settings"]["labelled_images"] == 9  # 3 of each class's 6
     assert read_json(out, "semi_0.5.json")["protocol"] == "semi"
     assert len(open(os.path.join(out, "semi_0.5_subset.txt")).read().split()) == 9
-    tuned = torch.load(os.path.join(out, "semi_0.5_checkpoint.pt"), weights_only=True)["model"]
+    tuned = torch.load(os.path.join(out, "semi_0.5_checkpoint.pt"), weights_only=True)["network"]
     assert not torch.equal(tuned["backbone.layer1.0.conv1.weight"], saved["layer1.0.conv1.weight"])
 
 

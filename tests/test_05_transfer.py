@@ -381,7 +381,7 @@ def test_detection_trains_evaluates_and_resumes_without_downloading_anything(voc
     assert ckpt["iteration"] == 3
     transfer.main(argv_detect(voc, out, "--iters", "4"))  # a longer schedule continues from iteration 3
     printed = capsys.readouterr().out
-    assert "at iteration 3" in printed and "iter 4/4 loss" in printed and "iter 3/" not in printed
+    assert "resuming from" in printed and "iter 4/4 loss" in printed and "iter 3/" not in printed
     assert read_json(os.path.join(out, "transfer_detect_voc.json"))["iterations"] == 4
 
 

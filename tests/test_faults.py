@@ -227,8 +227,8 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_epoch_without_half_written
     assert ckpt["epoch"] in (1, 2)  # 1 unless the kill came after epoch 2's last step was saved
     done = run_script("02_pretrain", argv, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed = [line for line in done.stdout.splitlines() if line.startswith("resumed from")]
-    assert resumed and f"checkpoint.pt: {ckpt['epoch'] + 1} epoch(s) done" in resumed[0], done.stdout[-2000:]
+    resumed = [line for line in done.stdout.splitlines() if line.startswith("resumed:")]
+    assert resumed and f"resumed: {ckpt['epoch'] + 1} epoch(s) done" in resumed[0], done.stdout[-2000:]
     assert not [p for p in os.listdir(run) if ".tmp" in p], os.listdir(run)
     final = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     assert final["epoch"] == 3 and final["step"] == 4 * 3
