@@ -21,8 +21,10 @@ overflow nor underflow in fp32 (this is what lets one collective finish the soft
 The same code runs on gloo (CPU) and NCCL (GPU); without a process group it is the plain
 single-process cosine softmax, so `python script.py` works unchanged.
 
-Also here: joining the torchrun process group, atomic checkpoint writes, and saving the classifier
-rows (with their SGD momentum) in a form that loads onto any number of processes.
+Also here, after the softmax: the row collectives the stages share, saving the classifier rows
+(with their SGD momentum) in a form that loads onto any number of processes, and stage(): how
+every stage joins the torchrun process group, holds its run folder, writes files atomically and
+stops with one line on every rank.
 """
 import contextlib
 import glob
@@ -44,235 +46,10 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-# ---------------------------------------------------------------- process group helpers
+# ---------------------------------------------------------------- the classifier (steps 2-7)
 
-def get_world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main():
-    return get_rank() == 0
-
-
-def init_distributed(device="auto"):
-    """Join torchrun's process group when launched by torchrun; return this process's device.
-
-    NCCL on CUDA, gloo on CPU. Without torchrun's environment this is a plain single process.
-    """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return dev
-
-
-def finish_distributed(owns_group):
-    """Leave the process group this script joined: barrier first, as gloo aborts a rank that
-    leaves while others still talk. A group the caller created (tests) is left to the caller."""
-    if owns_group and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def data_parallel(module, device):
-    """`module` in DDP over the process group (one device per process), or as it is in one process."""
-    if get_world_size() == 1:
-        return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
-
-
-def atomic_save(obj, path, dump=torch.save):
-    """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
-    half a file, and a full disk leaves the previous file as it was (one line, exit 2). torch.save
-    by default; pickle.dump or a bytes writer work the same way. The file gets the umask's mode."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    except OSError as e:
-        fail(f"cannot write {path} ({e.strerror}); pass an --out you can write to")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide results from the user's group
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # ENOSPC, EDQUOT, EIO...: the previous file is untouched
-            fail(f"cannot write {path} ({e.strerror}); the previous {os.path.basename(path)} is kept; "
-                 "free space or pass another --out, then rerun the command")
-        raise
-
-
-UMASK = os.umask(0o22)
-os.umask(UMASK)
-
-
-# ---------------------------------------------------------------- one stage: a process group, a run folder, one line per rank
-
-PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
-
-
-def fail(message, code=2):
-    """One line on stderr, then exit with `code` (2: a problem with the input), no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-class Terminated(BaseException):
-    """SIGTERM (torchrun stopping the other processes after one failed, or a job scheduler)."""
-
-
-@contextlib.contextmanager
-def stage(args):
-    """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
-    process group when launched by torchrun, hold the run folder RUN (--out) against a second run
-    (RUN/.lock, taken by rank 0), remove the temporary files a killed run left there, print the
-    arguments, and leave the group at the end.
-
-    Every way of stopping ends in one line on stderr on every rank: its own error (exit 2); "stopped
-    because process R failed" when another rank's error broke a collective; on Ctrl-C or SIGTERM,
-    where the run stands and that the same command resumes it (exit 130 / 143)."""
-    out, owns_group = args.out, not dist.is_initialized()
-    device = init_distributed(args.device)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    PROGRESS["where"] = None
-    holder = None
-    try:
-        holder = _hold_run_folder(out, device)
-        if is_main():
-            print("args: " + json.dumps(vars(args), sort_keys=True), flush=True)
-        yield device
-        finish_distributed(owns_group)
-    except (KeyboardInterrupt, Terminated) as e:
-        failed = _failed_peer(out) if get_world_size() > 1 else None
-        if failed is not None:
-            fail(f"stopped because process {failed} failed (see its message)")
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
-        where = f" {PROGRESS['where']};" if PROGRESS["where"] else ""
-        fail(f"{what};{where} what was saved in {out} is kept, and the same command resumes from it",
-             130 if isinstance(e, KeyboardInterrupt) else 143)
-    except SystemExit as e:
-        if e.code not in (0, None) and get_world_size() > 1:
-            _mark_failed(out)  # before this process exits and breaks the others' collectives
-        raise
-    except Exception:
-        failed = _failed_peer(out) if get_world_size() > 1 else None
-        if failed is None:
-            if get_world_size() > 1:
-                _mark_failed(out)
-            raise
-        fail(f"stopped because process {failed} failed (see its message)")
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        if holder is not None:
-            _release_run_folder(out, holder)
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-def _hold_run_folder(out, device):
-    """Rank 0 takes RUN/.lock (host and pid) and clears stale temporaries; every rank learns the outcome.
-    A lock whose process is gone (same host) is taken over. Returns what rank 0 wrote, else None."""
-    problem, holder = None, None
-    if is_main():
-        problem, holder = _take_lock(out)
-    if get_world_size() > 1:
-        ok = torch.tensor([problem is None], dtype=torch.int32, device=device)
-        dist.broadcast(ok, src=0)
-        if not ok.item() and not is_main():
-            fail("stopped because process 0 failed (see its message)")
-    if problem:
-        fail(problem)
-    if holder is not None:
-        for stale in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(out, ".failed-rank-*")):
-            os.remove(stale)
-            if ".tmp-" in stale:
-                print(f"removed {stale}, a half-written file of a killed run", flush=True)
-    return holder
-
-
-def _take_lock(out):
-    """(problem or None, this process's "host pid" line) after trying to create RUN/.lock."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"--out {out} is a file, not a folder; pass a folder for the run", None
-    path, me = os.path.join(out, ".lock"), f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            os.makedirs(out, exist_ok=True)
-            with open(path, "x") as f:
-                f.write(me + "\n")
-            return None, me
-        except FileExistsError:
-            host, _, pid = _read(path).partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                os.remove(path)  # its run is gone: take over
-                continue
-            return (f"{out} is in use by another run (process {pid or '?'} on {host or '?'}); wait for it to end, "
-                    f"or delete {path} if that run is gone"), None
-        except OSError as e:
-            return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
-    return f"cannot take {path}; delete it if no run uses {out}", None
-
-
-def _release_run_folder(out, holder):
-    path = os.path.join(out, ".lock")
-    if _read(path) == holder:
-        os.remove(path)
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid):
-    if pid == os.getpid():
-        return False  # a lock this process left behind (a stage called again in the same process)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _mark_failed(out):
-    """RUN/.failed-rank-R: tells the other ranks, whose collectives this rank's exit breaks, who failed."""
-    try:
-        with open(os.path.join(out, f".failed-rank-{get_rank()}"), "w"):
-            pass
-    except OSError:
-        pass
-
-
-def _failed_peer(out, wait=2.0):
-    """The lowest other rank that marked itself failed (waiting up to `wait` s for its mark), else None."""
-    deadline = time.monotonic() + wait
-    while True:
-        ranks = sorted(int(p.rsplit("-", 1)[1]) for p in glob.glob(os.path.join(out, ".failed-rank-*")))
-        ranks = [r for r in ranks if r != get_rank()]
-        if ranks or time.monotonic() > deadline:
-            return ranks[0] if ranks else None
-        time.sleep(0.1)
+LOG2E = 1.4426950408889634  # exp(u) = 2^(u log2 e)
+ROW_BLOCK = 32768  # rows per block of the elementwise passes over the weights (bounds temporaries)
 
 
 def shard_range(num_classes, rank, world_size):
@@ -281,8 +58,6 @@ def shard_range(num_classes, rank, world_size):
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
 
-
-# ---------------------------------------------------------------- the classifier
 
 class DistCosineSoftmax(nn.Module):
     """Cosine softmax over `num_classes` classes whose weight rows are sharded over the processes.
@@ -427,44 +202,6 @@ class _CosineSoftmax(torch.autograd.Function):
         return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
 
 
-LOG2E = 1.4426950408889634  # exp(u) = 2^(u log2 e)
-ROW_BLOCK = 32768  # rows per block of the elementwise passes over the weights (bounds temporaries)
-
-
-def all_gather_rows(tensor):
-    """Every rank's `tensor` stacked along dim 0 in rank order (all ranks pass the same shape)."""
-    world_size = get_world_size()
-    if world_size == 1:
-        return tensor
-    out = tensor.new_empty(world_size * tensor.shape[0], *tensor.shape[1:])
-    _all_gather(out, tensor.contiguous())
-    return out
-
-
-def reduce_scatter_rows(tensor):
-    """Sum `tensor` over the ranks and return this rank's 1/W of the rows (dim 0, rank order)."""
-    world_size = get_world_size()
-    if world_size == 1:
-        return tensor
-    out = tensor.new_empty(tensor.shape[0] // world_size, *tensor.shape[1:])
-    _reduce_scatter(out, tensor.contiguous())
-    return out
-
-
-def all_gather_shards(local, total):
-    """Every rank's contiguous shard_range shard [n_r, ...] of a total-row tensor, concatenated in
-    rank order on every rank (shards may differ in size by one, or be empty)."""
-    world = get_world_size()
-    if world == 1:
-        return local
-    size = shard_range(total, 0, world)[1]  # rank 0's shard is the largest
-    padded = local.new_zeros((size,) + tuple(local.shape[1:]))
-    padded[:len(local)] = local
-    gathered = all_gather_rows(padded)
-    return torch.cat([gathered[r * size:r * size + e - s]
-                      for r, (s, e) in enumerate(shard_range(total, r, world) for r in range(world))])
-
-
 def _target_weights(shape, alpha, like):
     """Eq. 2 per id column: 1 - alpha for the label, alpha / k for each of the k hard classes (in the
     dtype and on the device of `like`)."""
@@ -502,26 +239,40 @@ def _chunk_columns(local_ids, c0, c1):
     return in_chunk, cols.clamp(0, c1 - c0 - 1)
 
 
-# ---------------------------------------------------------------- checkpoints on any GPU count
+# ---------------------------------------------------------------- collectives on rows
 
-def gather_shards(local, num_rows):
-    """All num_rows rows of a sharded [end - start, ...] tensor (shard_range layout) on rank 0, as a
-    CPU tensor; None on the other ranks. Every rank must call it. Shards travel to rank 0 point to
-    point, one at a time, so no process holds more than the full CPU copy plus one shard."""
-    world, rank = get_world_size(), get_rank()
+def all_gather_rows(tensor):
+    """Every rank's `tensor` stacked along dim 0 in rank order (all ranks pass the same shape)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    out = tensor.new_empty(world_size * tensor.shape[0], *tensor.shape[1:])
+    _all_gather(out, tensor.contiguous())
+    return out
+
+
+def reduce_scatter_rows(tensor):
+    """Sum `tensor` over the ranks and return this rank's 1/W of the rows (dim 0, rank order)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    out = tensor.new_empty(tensor.shape[0] // world_size, *tensor.shape[1:])
+    _reduce_scatter(out, tensor.contiguous())
+    return out
+
+
+def all_gather_shards(local, total):
+    """Every rank's contiguous shard_range shard [n_r, ...] of a total-row tensor, concatenated in
+    rank order on every rank (shards may differ in size by one, or be empty)."""
+    world = get_world_size()
     if world == 1:
-        return local.detach().cpu().clone()
-    full = local.new_empty((num_rows,) + tuple(local.shape[1:]), device="cpu") if rank == 0 else None
-    for src in range(world):
-        s0, s1 = shard_range(num_rows, src, world)
-        if rank == 0:
-            piece = local.detach() if src == 0 else local.new_empty((s1 - s0,) + tuple(local.shape[1:]))
-            if src:
-                dist.recv(piece, src=src)
-            full[s0:s1] = piece.cpu()
-        elif rank == src:
-            dist.send(local.detach().contiguous(), dst=0)
-    return full
+        return local
+    size = shard_range(total, 0, world)[1]  # rank 0's shard is the largest
+    padded = local.new_zeros((size,) + tuple(local.shape[1:]))
+    padded[:len(local)] = local
+    gathered = all_gather_rows(padded)
+    return torch.cat([gathered[r * size:r * size + e - s]
+                      for r, (s, e) in enumerate(shard_range(total, r, world) for r in range(world))])
 
 
 def owner_of(ids, num_rows, world_size):
@@ -556,6 +307,28 @@ def send_rows_to_owners(ids, rows, num_rows):
     shard[ids - start] = rows
     return shard
 
+
+def gather_shards(local, num_rows):
+    """All num_rows rows of a sharded [end - start, ...] tensor (shard_range layout) on rank 0, as a
+    CPU tensor; None on the other ranks. Every rank must call it. Shards travel to rank 0 point to
+    point, one at a time, so no process holds more than the full CPU copy plus one shard."""
+    world, rank = get_world_size(), get_rank()
+    if world == 1:
+        return local.detach().cpu().clone()
+    full = local.new_empty((num_rows,) + tuple(local.shape[1:]), device="cpu") if rank == 0 else None
+    for src in range(world):
+        s0, s1 = shard_range(num_rows, src, world)
+        if rank == 0:
+            piece = local.detach() if src == 0 else local.new_empty((s1 - s0,) + tuple(local.shape[1:]))
+            if src:
+                dist.recv(piece, src=src)
+            full[s0:s1] = piece.cpu()
+        elif rank == src:
+            dist.send(local.detach().contiguous(), dst=0)
+    return full
+
+
+# ---------------------------------------------------------------- checkpoints on any GPU count
 
 def gather_classifier(classifier, optimizer=None):
     """All N rows (and their SGD momentum) on rank 0 as CPU float32; None on the other ranks.
@@ -594,3 +367,234 @@ def _momentum_buffer(classifier, optimizer):
     if optimizer is None:
         return None
     return optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
+
+
+# ---------------------------------------------------------------- process group helpers
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def init_distributed(device="auto"):
+    """Join torchrun's process group when launched by torchrun; return this process's device.
+
+    NCCL on CUDA, gloo on CPU. Without torchrun's environment this is a plain single process.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return dev
+
+
+def finish_distributed(owns_group):
+    """Leave the process group this script joined: barrier first, as gloo aborts a rank that
+    leaves while others still talk. A group the caller created (tests) is left to the caller."""
+    if owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def data_parallel(module, device):
+    """`module` in DDP over the process group (one device per process), or as it is in one process."""
+    if get_world_size() == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+# ---------------------------------------------------------------- one stage: a process group, a run folder, one line per rank
+
+PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
+
+
+def fail(message, code=2):
+    """One line on stderr, then exit with `code` (2: a problem with the input), no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def atomic_save(obj, path, dump=torch.save):
+    """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
+    half a file, and a full disk leaves the previous file as it was (one line, exit 2). torch.save
+    by default; pickle.dump or a bytes writer work the same way. The file gets the umask's mode."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror}); pass an --out you can write to")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide results from the user's group
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):  # ENOSPC, EDQUOT, EIO...: the previous file is untouched
+            fail(f"cannot write {path} ({e.strerror}); the previous {os.path.basename(path)} is kept; "
+                 "free space or pass another --out, then rerun the command")
+        raise
+
+
+UMASK = os.umask(0o22)
+os.umask(UMASK)
+
+
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping the other processes after one failed, or a job scheduler)."""
+
+
+@contextlib.contextmanager
+def stage(args):
+    """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
+    process group when launched by torchrun, hold the run folder RUN (--out) against a second run
+    (RUN/.lock, taken by rank 0), remove the temporary files a killed run left there, print the
+    arguments, and leave the group at the end.
+
+    Every way of stopping ends in one line on stderr on every rank: its own error (exit 2); "stopped
+    because process R failed" when another rank's error broke a collective; on Ctrl-C or SIGTERM,
+    where the run stands and that the same command resumes it (exit 130 / 143)."""
+    out, owns_group = args.out, not dist.is_initialized()
+    device = init_distributed(args.device)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    PROGRESS["where"] = None
+    holder = None
+    try:
+        holder = _hold_run_folder(out, device)
+        if is_main():
+            print("args: " + json.dumps(vars(args), sort_keys=True), flush=True)
+        yield device
+        finish_distributed(owns_group)
+    except (KeyboardInterrupt, Terminated) as e:
+        failed = _failed_peer(out) if get_world_size() > 1 else None
+        if failed is not None:
+            fail(f"stopped because process {failed} failed (see its message)")
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
+        where = f" {PROGRESS['where']};" if PROGRESS["where"] else ""
+        fail(f"{what};{where} what was saved in {out} is kept, and the same command resumes from it",
+             130 if isinstance(e, KeyboardInterrupt) else 143)
+    except SystemExit as e:
+        if e.code not in (0, None) and get_world_size() > 1:
+            _mark_failed(out)  # before this process exits and breaks the others' collectives
+        raise
+    except Exception:
+        failed = _failed_peer(out) if get_world_size() > 1 else None
+        if failed is None:
+            if get_world_size() > 1:
+                _mark_failed(out)
+            raise
+        fail(f"stopped because process {failed} failed (see its message)")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if holder is not None:
+            _release_run_folder(out, holder)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _hold_run_folder(out, device):
+    """Rank 0 takes RUN/.lock (host and pid) and clears stale temporaries; every rank learns the outcome.
+    A lock whose process is gone (same host) is taken over. Returns what rank 0 wrote, else None."""
+    problem, holder = None, None
+    if is_main():
+        problem, holder = _take_lock(out)
+    if get_world_size() > 1:
+        ok = torch.tensor([problem is None], dtype=torch.int32, device=device)
+        dist.broadcast(ok, src=0)
+        if not ok.item() and not is_main():
+            fail("stopped because process 0 failed (see its message)")
+    if problem:
+        fail(problem)
+    if holder is not None:
+        for stale in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(out, ".failed-rank-*")):
+            os.remove(stale)
+            if ".tmp-" in stale:
+                print(f"removed {stale}, a half-written file of a killed run", flush=True)
+    return holder
+
+
+def _take_lock(out):
+    """(problem or None, this process's "host pid" line) after trying to create RUN/.lock."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file, not a folder; pass a folder for the run", None
+    path, me = os.path.join(out, ".lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(path, "x") as f:
+                f.write(me + "\n")
+            return None, me
+        except FileExistsError:
+            host, _, pid = _read(path).partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                os.remove(path)  # its run is gone: take over
+                continue
+            return (f"{out} is in use by another run (process {pid or '?'} on {host or '?'}); wait for it to end, "
+                    f"or delete {path} if that run is gone"), None
+        except OSError as e:
+            return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
+    return f"cannot take {path}; delete it if no run uses {out}", None
+
+
+def _release_run_folder(out, holder):
+    path = os.path.join(out, ".lock")
+    if _read(path) == holder:
+        os.remove(path)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return False  # a lock this process left behind (a stage called again in the same process)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mark_failed(out):
+    """RUN/.failed-rank-R: tells the other ranks, whose collectives this rank's exit breaks, who failed."""
+    try:
+        with open(os.path.join(out, f".failed-rank-{get_rank()}"), "w"):
+            pass
+    except OSError:
+        pass
+
+
+def _failed_peer(out, wait=2.0):
+    """The lowest other rank that marked itself failed (waiting up to `wait` s for its mark), else None."""
+    deadline = time.monotonic() + wait
+    while True:
+        ranks = sorted(int(p.rsplit("-", 1)[1]) for p in glob.glob(os.path.join(out, ".failed-rank-*")))
+        ranks = [r for r in ranks if r != get_rank()]
+        if ranks or time.monotonic() > deadline:
+            return ranks[0] if ranks else None
+        time.sleep(0.1)
