@@ -1,27 +1,30 @@
 """Stage 01: the contrastive prior, i.e. raw-feature initialisation of the N instance-class rows.
 
 Implements the paper's second technique (section "A Contrastive Prior", Figure 4): build the
-network from --seed (ResNet backbone + 2-layer MLP head to D = 128), freeze everything but the
-BatchNorm layers, make one inference pass over the training set with BN in training mode
-("running BNs", --bn running), and use each instance's embedding as its classifier row. The other
-two arms of Figure 4 are --bn fixed (BN in eval mode) and --init random (Gaussian rows, no pass).
-
-The prior is extracted from the centre crop (eval_transform), not from a training augmentation:
-one deterministic view per instance, the one every augmented view of it is centred on, so the rows
-do not depend on the luck of one random crop and can be reproduced exactly.
+network from --seed (ResNet backbone + 2-layer MLP head to D = 128), make one pass over the
+training set with no parameter changing and BN in training mode, and use each instance's embedding
+as its classifier row. "Running BNs" is read the PyTorch way: each batch is normalised by its own
+mean and variance (--bn running); --bn fixed is eval mode, where the fresh statistics (0, 1) make
+BN an identity; --init random is Figure 4's Gaussian arm (no pass). The rows are stored at unit
+length: the cosine logits ignore length, but a row's SGD step scales with 1 / |w|^2.
 
 The pass draws its batches from a seeded permutation of all N instances (prior_batches): BN in
 training mode subtracts what a batch shares, so a batch must be a random sample of the data, not a
-run of one class folder. Process r embeds batches r, r + W, ... and one all_to_all sends every row
-to the process that owns it (dist_softmax.send_rows_to_owners); the rows are assembled on rank 0
-only to be written. The rows depend on the per-process batch, not on the process count. Output, loadable with
-torch.load(..., weights_only=True) on any number of processes:
+run of one class folder. A BN batch is one process's share, --batch-size / W (the paper's 4096 on
+64 GPUs: 64), and its size shapes the prior. Process r embeds batches r, r + W, ... and one
+all_to_all sends every row to the process that owns it (dist_softmax.send_rows_to_owners); the
+rows depend on the per-process batch, not on the process count. Each instance is embedded from its
+centre crop (eval_transform), one deterministic view. Output, loadable with torch.load(...,
+weights_only=True) on any number of processes:
   RUN/init.pt    {"network": state_dict after the pass, "classifier": {"weight": [N, 128],
-                  "momentum": None, "num_classes": N}, "args": {...}, "fingerprint": {...}}
+                  "momentum": None (02 adds SGD's), "num_classes": N}, "args", "fingerprint"}
   RUN/data.json  the training list's fingerprint; later stages refuse different data
-When the train folder has more than one class it also prints the same-class top-1 retrieval of
-the raw features against chance (the paper: about 3% against 0.1% on ImageNet) and the mean
-cosine between two augmented views of one instance against two different instances (Figure 4).
+It prints two diagnostics: the same-class top-1 retrieval of the rows against chance (the paper:
+about 3% against 0.1% on ImageNet, with a random ResNet-50), and Figure 4's gap, read here as the
+mean cosine of two augmented views of one instance against views of two instances.
+
+01 also holds the conventions every later stage uses (arguments, the data listing and image
+loading, transforms, the network), defined here because 01 is the first stage that needs them.
 
 Commands:
   python 01_extract_init.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 --batch-size 256
@@ -85,7 +88,6 @@ def number(kind, low=None, high=None, open_low=False, open_high=False):
 
 
 POSITIVE, COUNT = number(int, 1), number(int, 0)  # --epochs, --batch-size...; --workers
-RATE, NON_NEGATIVE, FRACTION = number(float, 0, open_low=True), number(float, 0), number(float, 0, 1, open_high=True)
 
 
 def add_common_args(parser, epochs, batch_size, data_required=True):
@@ -131,7 +133,7 @@ def main(argv=None):
         train_dir = os.path.join(args.data, "train")
         paths, labels, classes = list_images(train_dir)
         n = len(paths)
-        if n < 2 * world:
+        if n < 2 * world:  # each process owns rows and, with running BNs, normalises batches of two or more
             fail(f"{train_dir} holds {n} images, fewer than 2 per process for {world} processes; use fewer processes")
         trained = os.path.join(args.out, "checkpoint.pt")
         if os.path.isfile(trained) and not args.overwrite:
@@ -139,9 +141,9 @@ def main(argv=None):
                  "new --out, or --overwrite to replace init.pt (02 then still resumes from checkpoint.pt)")
         fingerprint = check_data_fingerprint(args.out, paths, args.data)
         local_batch = resolve_rank_batch(args.batch_size, world)
-        if args.init == "raw" and -(-n // local_batch) < world:
+        if args.init == "raw" and len(prior_batches(n, local_batch, args.seed)) < world:
             fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
-                 f"{n} images; use --batch-size {world * (n // world)} or less")
+                 f"{n} images; use a smaller --batch-size")
         if args.init == "raw" and args.bn == "running" and local_batch < 2:
             fail(f"--batch-size {args.batch_size} gives each process batches of 1, which BN in training mode "
                  f"cannot normalise; use --batch-size {2 * world} or more")
@@ -153,7 +155,7 @@ def main(argv=None):
         net = EmbeddingNet(args.arch, args.image_size, args.dim, args.head).to(device)
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
-        net.requires_grad_(False)  # everything frozen; only BN running statistics may move
+        net.requires_grad_(False)  # no parameter changes; in training mode only BN's statistics move
         classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
         start, end = classifier.start, classifier.end
 
@@ -189,7 +191,7 @@ def main(argv=None):
             if len(classes) > 1:
                 hits, chance, queries = retrieval_top1(state["weight"], labels, args.diagnostic_samples,
                                                        args.seed, device)
-                log(f"raw-feature same-class top-1 retrieval: {100 * hits:.1f}% over {queries} queries "
+                log(f"same-class top-1 retrieval of the {args.init} rows: {100 * hits:.1f}% over {queries} queries "
                     f"(chance {100 * chance:.1f}%)")
             same, other = view_cosine_gap(net, paths, args, device)
             log(f"mean cosine, two views of one instance: {same:.4f}; of two instances: {other:.4f}; "
@@ -197,21 +199,6 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------- errors and data
-
-def load_run_file(path, needs=(), fix="rerun the stage that writes it"):
-    """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
-    `needs`: anything unreadable, truncated or of another shape stops with one line naming the file
-    and `fix`, not a traceback."""
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every way of being unreadable gets the same answer
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        fail(f"cannot read {path} ({reason}); {fix}")
-    missing = [key for key in needs if not isinstance(obj, dict) or key not in obj]
-    if missing:
-        fail(f"{path} is not a file this stage reads (no {', '.join(missing)}); {fix}")
-    return obj
-
 
 def list_images(folder):
     """(paths, labels, classes) for every image below `folder`, recursively, sorted by relative path.
@@ -336,15 +323,23 @@ def eval_transform(image_size):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+# The SimCLR augmentation of the training views (MoCo v2 strengths), for train_transform and 02's device path.
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+JITTER, P_JITTER, P_GRAY, P_BLUR, BLUR_SIGMA = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, (0.1, 2.0)
+
+
+def blur_kernel(image_size):
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)  # about 10% of the side, odd
+
+
 def train_transform(image_size):
     """SimCLR-style augmentation (MoCo v2 strengths): crop, flip, jitter, grayscale, blur."""
-    kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # about 10% of the side, odd
     return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+        transforms.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO),
         transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+        transforms.RandomApply([transforms.ColorJitter(*JITTER)], p=P_JITTER),
+        transforms.RandomGrayscale(p=P_GRAY),
+        transforms.RandomApply([transforms.GaussianBlur(blur_kernel(image_size), sigma=BLUR_SIGMA)], p=P_BLUR),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -392,11 +387,12 @@ def build_backbone(arch, image_size):
 
 
 class EmbeddingNet(nn.Module):
-    """Backbone + the paper's 2-layer MLP head to D dims: Linear(F, F) + BN + ReLU + Linear(F, D).
+    """Backbone + a 2-layer MLP head to D dims: Linear(F, F) + BN + ReLU + Linear(F, D).
 
-    The hidden width equals the backbone width (2048 for ResNet-50) and BN sits in the hidden
-    layer, as in the SimCLR/MoCo v2 heads the paper compares with; the output is not normalised
-    (the cosine classifier does that).
+    The paper says "2-layer MLP" and no more. The hidden width here equals the backbone width (2048
+    for ResNet-50) and BN sits in the hidden layer, as in SimCLR's head (MoCo v2's has none); with
+    running BNs this BN is part of what shapes the prior. The output is not normalised (the cosine
+    classifier does that).
     """
 
     def __init__(self, arch, image_size, dim=128, head="mlp"):
@@ -469,9 +465,9 @@ def merge_bn_averages(net):
 
 
 def gaussian_rows(start, end, dim, seed):
-    """Rows [start, end) of Figure 4's "random init." arm: Gaussian rows, no pass over the data. They
-    come in blocks of 4096 drawn from a generator seeded by (seed, block), so they do not depend on
-    the process count."""
+    """Rows [start, end) of Figure 4's "random init." arm: Gaussian rows (their scale does not matter,
+    main stores unit rows), no pass over the data. They come in blocks of 4096 drawn from a generator
+    seeded by (seed, block), so they do not depend on the process count."""
     blocks = []
     for block in range(start // 4096, (end - 1) // 4096 + 1):
         generator = torch.Generator().manual_seed(seed * 1000003 + block)
@@ -487,7 +483,7 @@ def retrieval_top1(rows, labels, samples, seed, device, chunk=65536):
     of that for a random other row (sum_c n_c (n_c - 1) / N (N - 1)), and the number of queries."""
     labels = torch.as_tensor(labels)
     n = rows.shape[0]
-    query = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
+    query = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:samples]  # not prior_batches' draw
     q = F.normalize(rows[query].to(device).float(), dim=1)
     best_val = torch.full((len(query),), -float("inf"), device=device)
     best_idx = torch.zeros(len(query), dtype=torch.long, device=device)
@@ -510,24 +506,24 @@ def view_cosine_gap(net, paths, args, device, batch_size=64):
     instance, and of views of two different instances, on a fixed sample, with BN as in the pass.
     A copy of the network is used so that its BN statistics stay as they were saved."""
     net = copy.deepcopy(net).train(args.bn == "running")
-    generator = torch.Generator().manual_seed(args.seed + 1)
+    generator = torch.Generator().manual_seed(args.seed + 2)
     sample = torch.randperm(len(paths), generator=generator)[:args.diagnostic_samples].tolist()
-    torch.manual_seed(args.seed + 2)  # the augmentations drawn below
+    torch.manual_seed(args.seed + 3)  # the augmentations drawn below
     dataset = ImageList([paths[i] for i in sample], TwoViews(train_transform(args.image_size)))
     batch_size = min(batch_size, len(sample))
+    # Whole batches only: BN in training mode would normalise a last batch of one or two alone.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(sample) > batch_size)
     first, second = [], []
     with bad_images_fail():
         for views, _ in loader:
-            z = net(views.flatten(0, 1).to(device)).float().view(views.shape[0], 2, -1)
+            with autocast(device):
+                z = net(to_device(views.flatten(0, 1), device)).float().view(views.shape[0], 2, -1)
             first.append(F.normalize(z[:, 0], dim=1))
             second.append(F.normalize(z[:, 1], dim=1))
     first, second = torch.cat(first), torch.cat(second)
     same = (first * second).sum(1).mean().item()
     other = (first * second.roll(1, dims=0)).sum(1).mean().item()  # instance i against i - 1
     return same, other
-
-
 
 
 if __name__ == "__main__":

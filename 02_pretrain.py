@@ -3,21 +3,27 @@
 Implements the paper's training (Eq. 1-3 and steps 1-8 of the distributed step): every training
 image is its own class. Backbone + MLP head are data-parallel (DDP); the N x 128 cosine
 classifier is split by rows over the processes (dist_softmax.DistCosineSoftmax, kept outside
-DDP with its own SGD). Each instance of the global batch contributes two augmented views
-(SimCLR-style). The rows start from RUN/init.pt (01_extract_init.py: the contrastive prior).
-With --alpha > 0 the target of each view is smoothed onto its k hardest classes (Eq. 2-3),
-mined once per epoch by 03_hard_classes.mine_hard_classes.
+DDP with its own SGD; steps 2-7 live there). Each instance of the global batch contributes two
+augmented views (SimCLR-style). The rows start from RUN/init.pt (01: the contrastive prior). With
+--alpha > 0 the target of each view is smoothed onto its k hardest classes (Eq. 2-3), mined once
+per epoch by 03_hard_classes. Read main, train_one_epoch and train_step for the paper; the rest of
+the file is the data path, the kNN curve, and machinery 04 and 05 share (resume, logging).
 
-SGD, momentum 0.9, weight decay 1e-4, lr = --lr x batch / 4096 (the scaled value is printed),
-linear warm-up for --warmup-epochs then cosine decay, set every step. Defaults are the paper's.
+SGD, momentum 0.9, weight decay 1e-4 on every parameter (the N rows included: their decay sets how
+fast a row turns, which depends on N; the log shows it), lr = --lr x batch / 4096 (the scaled
+value is printed), linear warm-up for --warmup-epochs then cosine decay, set every step. Defaults
+are the paper's (--epochs 200: its ablations; 1000 for its headline result).
 
 Writes to RUN (--out):
   checkpoint.pt       every epoch, atomically: network, classifier rows + momentum, optimiser,
                       epoch, step; loads on any process count. A rerun of the same command
-                      resumes from it automatically (also with another process count).
+                      resumes from it (02's resume_from refuses other settings). With the same
+                      process count, --workers and --data-path it continues bit-identically;
+                      with others it continues with other crops. A larger --epochs continues the
+                      run with its cosine stretched to the new length.
   pretrain_log.jsonl  one JSON line per progress line and per epoch; the epoch line also holds
-                      the mean row norm |w| and the mean angle a row turns when its instance is
-                      in the batch (the rows' speed, which depends on N), and the kNN curve
+                      the mean row norm |w|, the mean angle a row turns in the step its instance
+                      is in the batch (the rows' speed), and the kNN curve
   backbone.pt         at the end: the backbone state_dict under torchvision's key names
                       (loads into torchvision.models.<arch>() with only fc.* missing; at
                       <= 64 px into one with the same small stem, see 01's build_backbone)
@@ -27,6 +33,11 @@ kNN top-1 (k = 20) of the current backbone on val, with a fixed sample of at mos
 training images as the memory bank (04's protocol, sharded over the processes). By default the
 interval keeps its cost under 5% of the training time: an epoch costs about 6 N image passes
 (two views, forward and backward), a kNN round bank + val forward passes.
+
+The views come from loader workers running 01's train_transform (--data-path pil), or, by default
+on CUDA, from the device path: workers read file bytes, the device decodes and augments a whole
+batch (DeviceViews). The progress line's "data" share is the time the loop waits for a batch,
+including, on the device path, the launch of its decoding and augmentation.
 
 Commands:
   python 02_pretrain.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 \\
@@ -54,15 +65,18 @@ import dist_softmax as dsm
 
 extract_init = importlib.import_module("01_extract_init")
 fail = dsm.fail
+number = extract_init.number
+RATE, NON_NEGATIVE, FRACTION = number(float, 0, open_low=True), number(float, 0), number(float, 0, 1, open_high=True)
 
 parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=200, batch_size=4096)
-parser.add_argument("--lr", type=extract_init.RATE, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
-parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=1e-4)
-parser.add_argument("--warmup-epochs", type=extract_init.NON_NEGATIVE, default=10)
-parser.add_argument("--temperature", type=extract_init.number(float, 0.025), default=0.15, help="tau of Eq. 1")
-parser.add_argument("--alpha", type=extract_init.FRACTION, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
+parser.add_argument("--lr", type=RATE, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
+parser.add_argument("--momentum", type=FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=1e-4)
+parser.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=10)
+parser.add_argument("--temperature", type=extract_init.number(float, 0.025), default=0.15,
+                    help="tau of Eq. 1; >= 0.025 keeps exp(1 / tau) inside fp32 without a max (see dist_softmax)")
+parser.add_argument("--alpha", type=FRACTION, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
 parser.add_argument("--hard-k", type=extract_init.POSITIVE, default=100, help="hard classes per instance, k of Eq. 2")
 parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
                     help="classifier rows per logits block (bounds memory; default: all local rows)")
@@ -80,7 +94,7 @@ parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metava
 # A resumed run must continue the same optimisation; --epochs may grow, these may not change.
 RESUME_SETTINGS = ("arch", "image_size", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
                    "temperature", "alpha", "hard_k", "seed")
-KNN_BANK = 10000  # training images in the kNN curve's memory bank (and validation images scored)
+KNN_SAMPLE = 10000  # at most this many training images (the bank) and val images (scored) in the kNN curve
 
 
 def main(argv=None):
@@ -101,7 +115,7 @@ def main(argv=None):
 
         # ---- networks: backbone + head in DDP (step 1), the sharded classifier outside it (steps 2-7) ----
         made = init["args"]
-        net = extract_init.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made.get("head", "mlp"))
+        net = extract_init.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made["head"])  # as 01 built it
         net.load_state_dict(init["network"])
         net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
         model = dsm.data_parallel(net, device)
@@ -118,7 +132,7 @@ def main(argv=None):
             f"lr {args.lr} x {args.batch_size}/4096 = {base_lr:.6g}")
         if args.warmup_epochs >= args.epochs:
             log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the lr never reaches {base_lr:.6g}")
-        hard_classes, k = hard_class_miner(args, len(paths), log)
+        mining, k = hard_class_miner(args, len(paths), log)
         knn = KnnCurve(args, paths, labels, classes, device, log)
 
         # ---- resume ----
@@ -133,12 +147,12 @@ def main(argv=None):
             dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in checkpoint.pt)"
             sampler.set_epoch(epoch)
             table = None
-            if hard_classes is not None:
+            if mining is not None:
                 # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's rows).
                 t0 = time.perf_counter()
-                table, _ = hard_classes.mine_hard_classes(classifier, k)
+                table, _ = mining.mine_hard_classes(classifier, k)
                 log(f"epoch {epoch}: {k} hard classes per instance mined in {time.perf_counter() - t0:.1f} s")
-            record = train_one_epoch(model, classifier, optimizers, batches(epoch), steps, table, hard_classes, args,
+            record = train_one_epoch(model, classifier, optimizers, batches(epoch), steps, table, mining, args,
                                      epoch, base_lr, global_step, device)
             global_step, train_seconds = record["global_step"], train_seconds + record["epoch_s"]
             if knn.due(epoch):
@@ -168,7 +182,7 @@ def load_init(args, fingerprint):
     if not os.path.isfile(init_path):
         fail(f"{init_path} not found; run 01_extract_init.py --data {args.data} --out {args.out} first")
     rerun = f"rerun 01_extract_init.py --data {args.data} --out {args.out} --overwrite"
-    init = extract_init.load_run_file(init_path, ("network", "classifier", "args", "fingerprint"), rerun)
+    init = dsm.load_run_file(init_path, ("network", "classifier", "args", "fingerprint"), rerun)
     if init["fingerprint"] != fingerprint:
         fail(f"{init_path} was made from other training images than {args.data}/train lists; {rerun}")
     made = init["args"]
@@ -226,21 +240,29 @@ def resume(args, settings, net, classifier, optimizers, log):
     if ckpt is None:
         return 0, 0
     dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
-    log(f"resumed: {ckpt['epoch'] + 1} epoch(s) done, step {ckpt['step']}")
-    return ckpt["epoch"] + 1, ckpt["step"]
+    done = ckpt["epoch"] + 1
+    log(f"resumed: {done} epoch(s) done, step {ckpt['step']}")
+    if ckpt["args"]["epochs"] != args.epochs:
+        log(f"note: --epochs {args.epochs} where the run had {ckpt['args']['epochs']}: the cosine schedule is "
+            "stretched to the new length from here on")
+    log_path = os.path.join(args.out, "pretrain_log.jsonl")
+    if dsm.is_main() and os.path.isfile(log_path):  # drop the lines of the epoch that was cut short
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line).get("epoch", 0) < done]
+        dsm.atomic_save("".join(kept).encode(), log_path, dump=lambda data, f: f.write(data))
+    return done, ckpt["step"]
 
 
 def save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step):
     """RUN/checkpoint.pt, atomically; every rank takes part in gathering the rows."""
     rows = dsm.gather_classifier(classifier, optimizers[1])
     save_for_resume(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0], classifier=rows,
-                    epoch=epoch, step=global_step, args=vars(args),
-                    rng={"seed": args.seed, "scheme": "reseeded every epoch from (seed, epoch, rank)"})
+                    epoch=epoch, step=global_step, args=vars(args))
 
 
 # ---------------------------------------------------------------- one epoch (steps 1-8)
 
-def train_one_epoch(model, classifier, optimizers, batches, steps, table, hard_classes, args, epoch, base_lr,
+def train_one_epoch(model, classifier, optimizers, batches, steps, table, mining, args, epoch, base_lr,
                     global_step, device):
     """One pass over the data: per step the lr of the schedule, the two views of each local instance
     (label = its instance id, Eq. 2's hard classes from `table`), train_step. Returns the epoch's
@@ -257,15 +279,15 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, hard_c
         labels = ids.repeat_interleave(2)  # images [2b, C, H, W]: both views of instance i have class i
         hard = None
         if table is not None:
-            hard = hard_classes.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
+            hard = mining.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)  # from their owners
         visited = classifier.local_rows(dsm.all_gather_rows(ids))  # this batch's rows that live here
         before = classifier.weight.detach()[visited]
         loss = train_step(model, classifier, optimizers, images, labels, hard, args.alpha, device)
         if not math.isfinite(loss):
             ckpt_path = os.path.join(args.out, "checkpoint.pt")
             kept = f"{ckpt_path} holds the last good epoch" if os.path.isfile(ckpt_path) else "no checkpoint was written yet"
-            fail(f"loss is {loss} at epoch {epoch} step {i}; stopped, {kept}; lower --lr or "
-                 "raise --warmup-epochs and rerun the command to resume")
+            fail(f"loss is {loss} at epoch {epoch} step {i}; stopped, {kept}; rerunning resumes with the same "
+                 "settings: for a lower --lr or longer --warmup-epochs, use a new --out")
         turn += torch.stack([row_turn_degrees(before, classifier.weight.detach()[visited]).sum(),
                              torch.tensor(float(len(visited)), device=device)]).double()
         global_step += 1
@@ -291,18 +313,22 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, hard_c
 
 
 def train_step(model, classifier, optimizers, images, labels, hard_classes, alpha, device):
-    """One step (steps 1-8): embed the local views, the sharded softmax loss (Eq. 1 or 3),
-    backward, SGD on network and rows. Returns the loss; a non-finite one skips the update."""
+    """One step of the paper's Figure 2. Returns the loss; a non-finite one changes nothing (the
+    caller stops, and the last checkpoint stays the run's state)."""
     with extract_init.autocast(device):  # bf16 products on CUDA; the softmax stays fp32 (dist_softmax)
-        features = model(images)
+        features = model(images)  # step 1: this rank's views through backbone + head (DDP)
+        # Steps 2-7 inside dist_softmax.DistCosineSoftmax: gather the global batch, cosine logits
+        # against the local rows, one all_reduce for Eq. 1 / Eq. 3, the loss on every rank.
         loss = classifier(features, labels, hard_classes, alpha)
     value = loss.item()  # the same on every rank: the classifier all-reduces it
     if not math.isfinite(value):
         return value
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    # Backward: the classifier hands each rank's features W x dL/dx, so DDP's average of the
+    # backbone gradients over W ranks is the exact gradient of the global loss.
     loss.backward()
-    for opt in optimizers:
+    for opt in optimizers:  # step 8: SGD on network (DDP synchronised) and on this rank's rows
         opt.step()
     return value
 
@@ -352,7 +378,11 @@ class DeviceViews(torch.utils.data.Dataset):
         """uint8 [3, H, W] images on the device; what torchvision cannot decode to 8-bit RGB goes
         through 01's load_rgb (16-bit PNGs, odd formats), which names a broken file."""
         if self.device.type == "cuda" and all(e[:2].tolist() == [0xFF, 0xD8] for e in encoded):  # JPEG
-            return torchvision.io.decode_jpeg(list(encoded), mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+            try:
+                return torchvision.io.decode_jpeg(list(encoded), mode=torchvision.io.ImageReadMode.RGB,
+                                                  device=self.device)
+            except RuntimeError:
+                pass  # a JPEG the GPU decoder refuses (CMYK...): one by one below, naming a broken file
         images = []
         for data, i in zip(encoded, ids):
             try:
@@ -367,7 +397,8 @@ class DeviceViews(torch.utils.data.Dataset):
 
     def batches(self, sampler, local_batch, epoch):
         """One epoch of ((views [2b, 3, S, S], ids [b]) on the device, seconds spent on them)."""
-        generator = torch.Generator().manual_seed(step_seed(self.args.seed, epoch, dsm.get_rank()))
+        # A stream of its own (not the global RNG's seed), a function of (--seed, epoch, rank): resumable.
+        generator = torch.Generator().manual_seed(step_seed(self.args.seed, epoch, dsm.get_rank()) + (1 << 40))
         order = list(sampler)
         batches = [order[i:i + local_batch] for i in range(0, len(order) - local_batch + 1, local_batch)]
         source = ((None, batch) for batch in batches) if self.cache is not None else self.loader(batches)
@@ -384,14 +415,15 @@ class DeviceViews(torch.utils.data.Dataset):
 
 
 class SimCLRViews:
-    """01's train_transform as batched tensor operations on the device: random resized crop (scale
-    0.08-1, aspect 3/4-4/3), horizontal flip, colour jitter (0.4, 0.4, 0.4, 0.1; p 0.8, the four in a
-    random order), grayscale (p 0.2), Gaussian blur (p 0.5, sigma 0.1-2) and normalisation. Every
-    parameter is drawn per image, from the distribution torchvision draws it from (sample()), on a
-    CPU generator: the same views on CPU and GPU, and again after a resume."""
+    """01's train_transform as batched tensor operations on the device: random resized crop, flip,
+    colour jitter (the four in a random order per image), grayscale, Gaussian blur, normalisation,
+    with 01's constants. Every parameter is drawn per image from the distribution torchvision draws
+    it from (sample()), on a CPU generator: the same views on CPU and GPU, and again after a resume.
+    The pixels differ slightly from the PIL path's: the resize filter (roi_align's box average for
+    batches of one image size, antialiased bilinear otherwise) and float instead of uint8 steps."""
 
     def __init__(self, size):
-        self.size, self.kernel = size, max(3, int(0.1 * size) // 2 * 2 + 1)  # as train_transform
+        self.size, self.kernel = size, extract_init.blur_kernel(size)
         self.mean = torch.tensor(extract_init.IMAGENET_MEAN)[:, None, None]
         self.std = torch.tensor(extract_init.IMAGENET_STD)[:, None, None]
 
@@ -416,27 +448,29 @@ class SimCLRViews:
     def sample(self, heights, widths, generator, attempts=10):
         """Per-image parameters, as RandomResizedCrop.get_params (10 tries at a uniform area share and a
         log-uniform aspect, then a centre crop) and RandomApply / ColorJitter.get_params draw them."""
-        n = len(heights)
+        n, (s0, s1), (r0, r1) = len(heights), extract_init.CROP_SCALE, extract_init.CROP_RATIO
         uniform = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
-        area = (heights * widths).double()[:, None] * (0.08 + 0.92 * uniform(n, attempts))
-        aspect = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * uniform(n, attempts))
+        area = (heights * widths).double()[:, None] * (s0 + (s1 - s0) * uniform(n, attempts))
+        aspect = torch.exp(math.log(r0) + (math.log(r1) - math.log(r0)) * uniform(n, attempts))
         w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
         fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
         first = fits.double().argmax(1, keepdim=True)  # the first try that fits
         w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
         i, j = (uniform(n) * (heights - h + 1)).floor(), (uniform(n) * (widths - w + 1)).floor()
         ratio = widths.double() / heights
-        w_centre = torch.where(ratio > 4 / 3, (heights * 4 / 3).round(), widths.double())
-        h_centre = torch.where(ratio < 3 / 4, (widths / (3 / 4)).round(), heights.double())
+        w_centre = torch.where(ratio > r1, (heights * r1).round(), widths.double())
+        h_centre = torch.where(ratio < r0, (widths / r0).round(), heights.double())
         found = fits.any(1)
         h, w = torch.where(found, h, h_centre), torch.where(found, w, w_centre)
         i = torch.where(found, i, ((heights - h) / 2).floor())
         j = torch.where(found, j, ((widths - w) / 2).floor())
-        factor = torch.stack([0.6 + 0.8 * uniform(n), 0.6 + 0.8 * uniform(n), 0.6 + 0.8 * uniform(n),
-                              -0.1 + 0.2 * uniform(n)], 1).float()
-        return {"box": torch.stack([i, j, h, w], 1).long(), "flip": uniform(n) < 0.5, "jitter": uniform(n) < 0.8,
-                "order": uniform(n, 4).argsort(1), "factor": factor, "gray": uniform(n) < 0.2,
-                "blur": uniform(n) < 0.5, "sigma": (0.1 + 1.9 * uniform(n)).float()}
+        (b, c, s, hue), (sigma0, sigma1) = extract_init.JITTER, extract_init.BLUR_SIGMA
+        factor = torch.stack([1 - b + 2 * b * uniform(n), 1 - c + 2 * c * uniform(n), 1 - s + 2 * s * uniform(n),
+                              -hue + 2 * hue * uniform(n)], 1).float()
+        return {"box": torch.stack([i, j, h, w], 1).long(), "flip": uniform(n) < 0.5,
+                "jitter": uniform(n) < extract_init.P_JITTER, "order": uniform(n, 4).argsort(1), "factor": factor,
+                "gray": uniform(n) < extract_init.P_GRAY, "blur": uniform(n) < extract_init.P_BLUR,
+                "sigma": (sigma0 + (sigma1 - sigma0) * uniform(n)).float()}
 
 
 def resized_crops(images, box, size):
@@ -498,26 +532,25 @@ def collate_lists(items):
 
 class KnnCurve:
     """Weighted kNN top-1 (k = 20) of the backbone on ROOT/val during training (see the docstring).
-    The bank and the scored val images are fixed samples of at most KNN_BANK, drawn with --seed."""
+    The bank and the scored val images are fixed samples of at most KNN_SAMPLE, drawn with --seed."""
 
     def __init__(self, args, paths, labels, classes, device, log):
-        self.args, self.device, self.log, self.seconds = args, device, log, 0.0
+        self.args, self.device, self.log, self.seconds, self.every = args, device, log, 0.0, 0
         has_val = any(name.lower().endswith(extract_init.IMAGE_EXTENSIONS)
                       for _, _, files in os.walk(os.path.join(args.data, "val")) for name in files)
         if args.knn_every and not has_val:
             fail(f"--knn-every {args.knn_every} needs {os.path.join(args.data, 'val')}; add it or pass --knn-every 0")
-        self.every = 0 if args.knn_every == 0 or not has_val else None
-        if self.every == 0:
+        if args.knn_every == 0 or not has_val:
             return
         val_paths, val_labels = list_val_images(args.data, classes)
-        self.bank, self.val = ([[p[i] for i in keep], [y[i] for i in keep]]
-                               for p, y in ((paths, labels), (val_paths, val_labels))
-                               for keep in [fixed_sample(len(p), KNN_BANK, args.seed)])
+        bank, val = fixed_sample(len(paths), KNN_SAMPLE, args.seed), fixed_sample(len(val_paths), KNN_SAMPLE, args.seed)
+        self.bank = [paths[i] for i in bank], [labels[i] for i in bank]
+        self.val = [val_paths[i] for i in val], [val_labels[i] for i in val]
         self.num_classes = len(classes)
-        cost = (len(self.bank[0]) + len(self.val[0])) / (6 * len(paths))  # of one epoch's image passes
+        cost = (len(bank) + len(val)) / (6 * len(paths))  # a round's image passes per epoch's
         self.every = args.knn_every or max(1, math.ceil(cost / 0.05))
-        log(f"kNN curve: every {self.every} epoch(s) and after the last, {len(self.bank[0])} training images as "
-            f"the bank, {len(self.val[0])} val images (about {100 * cost / self.every:.1f}% of the training time)")
+        log(f"kNN curve: every {self.every} epoch(s) and after the last, {len(bank)} training images as "
+            f"the bank, {len(val)} val images (about {100 * cost / self.every:.1f}% of the training time)")
 
     def due(self, epoch):
         return self.every != 0 and ((epoch + 1) % self.every == 0 or epoch + 1 == self.args.epochs)
@@ -667,7 +700,7 @@ def resume_from(path, settings, network=None, optimizer=None):
     checkpoint's network and optimizer states are loaded into `network` and `optimizer` if given."""
     if not os.path.isfile(path):
         return None
-    ckpt = extract_init.load_run_file(path, ("settings",), "delete it to start over")
+    ckpt = dsm.load_run_file(path, ("settings",), "delete it to start over")
     saved = ckpt["settings"]
     if saved.get("stage") != settings["stage"]:
         fail(f"{path} was written by {saved.get('stage')}, not {settings['stage']}; pass another --out or delete it")

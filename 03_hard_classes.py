@@ -12,7 +12,7 @@ table on one process:
   lookup_hard_classes(table, labels, clf)  per training step: the k ids of each label of the
                                            local batch, fetched from their owners (2 collectives)
 
-02_pretrain.py calls both at the start of every epoch and every step. Run on its own, this script
+02_pretrain.py calls the first at the start of every epoch, the second at every step. Run on its own, this script
 mines the rows of a run folder: the trained ones of RUN/checkpoint.pt (02) if it exists, else the
 prior's of RUN/init.pt (01); the dataset is the one they recorded unless --data is given. It writes
   RUN/hard_classes.pt    {"hard_classes": [N, k] int64, "similarity": [N, k] float32, ...}
@@ -30,7 +30,6 @@ Commands:
 import importlib
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,7 +51,7 @@ parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
 parser.add_argument("--grid-rows", type=extract_init.POSITIVE, default=8, help="anchors in hard_classes.png (drawn with --seed)")
 parser.add_argument("--grid-cols", type=extract_init.POSITIVE, default=8, help="hardest negatives shown per anchor")
 
-GROUP = 16  # columns per group maximum in the candidate filter (see candidates)
+GROUP = 16  # columns summarised by one maximum in the candidate filter (see candidates)
 DEFAULT_CHUNK = {"cpu": 2048, "cuda": 8192}  # rows and columns per similarity block
 
 
@@ -68,10 +67,11 @@ def main(argv=None):
         if not found:
             fail(f"no checkpoint.pt or init.pt in {args.out}; run 01_extract_init.py --out {args.out} first")
         source = found[0]
-        ckpt = extract_init.load_run_file(source, ("classifier",), "rerun the stage that wrote it "
+        ckpt = dsm.load_run_file(source, ("classifier",), "rerun the stage that wrote it "
                                           "(01_extract_init.py for init.pt, 02_pretrain.py for checkpoint.pt)")
         state, epoch = ckpt["classifier"], ckpt.get("epoch")
-        made_from = (ckpt.get("fingerprint") or {}).get("sha256") or (ckpt.get("settings") or {}).get("data")
+        # The data fingerprint (sha256 of the training list) the rows were made from: init.pt's, or the checkpoint's.
+        data_sha256 = (ckpt.get("fingerprint") or {}).get("sha256") or (ckpt.get("settings") or {}).get("data")
         log(f"rows of {source}" + (f", after epoch {epoch}" if epoch is not None else ", the prior of 01"))
         data_root = args.data or ckpt.get("args", {}).get("data")
         num_classes, dim = state["weight"].shape
@@ -89,7 +89,7 @@ def main(argv=None):
             fail(f"{data_root}/train holds {len(paths)} images but {source} has {num_classes} classifier "
                          "rows; pass the --data this run was made from")
         fingerprint = extract_init.check_data_fingerprint(args.out, paths, data_root)
-        if made_from not in (None, fingerprint["sha256"]):
+        if data_sha256 not in (None, fingerprint["sha256"]):
             fail(f"{source} was made from other training images than {data_root}/train lists; pass the --data "
                  "this run was made from")
 
@@ -139,9 +139,11 @@ def mine_hard_classes(classifier, k, chunk_size=None):
 
     Stream every shard's rows, keep a running top-k: each owner in turn broadcasts its normalised
     rows, and every rank scores its own rows against them in chunk x chunk blocks, keeping each
-    row's k best so far (RunningTopK). Memory beyond the result: one shard of rows and one block per
-    CPU thread, never an N x N matrix. On CPU the threads take whole blocks of rows, one thread
-    each: the filter's many small operations gain little from torch's own threads."""
+    row's k best so far (RunningTopK). Memory beyond the result: a normalised copy of the local rows,
+    one shard of rows, one block of scores per CPU thread and the candidates waiting to be merged;
+    never an N x N matrix. On CPU the threads take whole blocks of rows, one thread each (the
+    filter's many small operations gain little from torch's own threads); a block's rows, scores
+    and running top-k belong to its thread alone."""
     if not 1 <= k < classifier.num_classes:
         raise ValueError(f"k = {k} hard classes need 1 <= k < num_classes = {classifier.num_classes}")
     w = F.normalize(classifier.weight.detach().float(), dim=1)
@@ -149,7 +151,8 @@ def mine_hard_classes(classifier, k, chunk_size=None):
     chunk = -(-(chunk_size or DEFAULT_CHUNK.get(device.type, 2048)) // GROUP) * GROUP  # whole groups
     top = RunningTopK(len(w), k, device)
     row_blocks = [(r0, min(r0 + chunk, len(w))) for r0 in range(0, len(w), chunk)]
-    # One owner's rows at a time, plus GROUP zero rows so that every column block is whole groups.
+    # One owner's rows at a time (rank 0's shard is the largest), plus GROUP spare rows so that every
+    # column block is whole groups; whatever the spare rows hold, their columns are set to -inf.
     shard = w.new_zeros(dsm.shard_range(classifier.num_classes, 0, world)[1] + GROUP, w.shape[1])
     for owner in range(world):
         o_start, o_end = dsm.shard_range(classifier.num_classes, owner, world)
@@ -164,7 +167,7 @@ def mine_hard_classes(classifier, k, chunk_size=None):
 
 def score_rows(w, r0, r1, shard, o_start, o_end, start, chunk, top):
     """Scores of local rows r0..r1 against the owner's rows [o_start, o_end), block by block, into top."""
-    buffer = scratch(w.device, (r1 - r0) * chunk)
+    buffer = torch.empty((r1 - r0) * chunk, dtype=torch.float32, device=w.device)  # reused for every block
     for c0 in range(0, o_end - o_start, chunk):
         c1 = min(c0 + chunk, o_end - o_start)
         width = -(-(c1 - c0) // GROUP) * GROUP
@@ -195,25 +198,19 @@ def for_each_block(row_blocks, device, fn):
         torch.set_num_threads(threads)
 
 
-_scratch = threading.local()
-
-
-def scratch(device, numel):
-    """A reusable float32 buffer of this thread for one block of scores (no allocation per block)."""
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.device != device or buffer.numel() < numel:
-        _scratch.buffer = buffer = torch.empty(numel, dtype=torch.float32, device=device)
-    return buffer
-
-
 class RunningTopK:
     """Each row's k largest scores so far and their column ids, fed one block of scores at a time.
 
-    Sorting every block would cost more than the product that made it. Once a row has k scores, only
-    entries at or above its k-th best can enter, and after the first few thousand columns those are
-    few: add() finds them through the maxima of GROUP strided columns (one cheap pass; only groups
-    whose maximum passes are read again) and parks them; flush() or a full parking merges them with
-    one top-k. Rows r0..r1 of one add() belong to one thread; different threads own different rows.
+    Sorting every block would cost more than the product that made it. Once a row holds k scores,
+    its k-th best (the threshold) only rises, and an entry below it can never be among the final k:
+    only entries at or above it need keeping, and after the first few thousand columns those are
+    few. add() finds them through the maxima of GROUP columns spread over the block (one cheap pass;
+    only the groups whose maximum passes are read again; spread, so that a run of similar neighbours
+    does not fill one group) and parks them; flush() or a full parking merges them with one top-k.
+    Candidates parked under an older, lower threshold are merely extra. The first columns a row
+    sees are merged whole: until it holds k finite scores its threshold is -inf (padding and self
+    are -inf, and k < N guarantees k finite scores in the end). Rows r0..r1 of one add() belong to
+    one thread; different threads own different rows.
     """
 
     def __init__(self, rows, k, device):

@@ -1,24 +1,29 @@
-"""Stage 04: the ImageNet evaluation protocols of Tables 2-7: linear probe, weighted kNN, 1% / 10% labels.
+"""Stage 04: the ImageNet evaluation protocols behind Tables 2-7: linear probe, 1% / 10% labels, and kNN.
 
 The backbone is RUN/backbone.pt (02), or --pretrained PATH (a 02 checkpoint.pt, a 01 init.pt, any
 torchvision-named ResNet state_dict), or --pretrained random: the randomly initialised network
 (seeded by --seed, BN statistics estimated on the training images), the baseline to read every
 number against. Its results sit beside the pretrained ones in RUN with a _random suffix.
 
-  linear probe (default)  frozen backbone, BN in eval mode, one linear layer on the pooled
-                          features; SGD, momentum 0.9, lr 40 at batch 2048 (scaled), cosine over
-                          100 epochs; random resized crops + flip. The backbone is checked
-                          bit-identical at the end. --cached-features: the same probe on features
-                          of the centre crops embedded once (minutes, not hours). --standardize:
-                          a fixed per-feature standardisation first (off, as in the paper).
-  --knn                   weighted kNN: the k = 20 and 200 most cosine-similar training images vote
-                          with weight exp(sim / 0.07) (02's knn_accuracy, sharded).
-  --label-fraction F      Table 7: fine-tune everything on a class-balanced fraction F of the
-                          labels (or --subset-file), backbone lr 0.001, classifier lr 15 (1%) or 10
-                          at batch 256 (scaled), cosine, 20 epochs.
+  linear probe (default)  frozen backbone, BN in eval mode, one linear layer on the pooled features;
+                          the paper's batch 2048, lr 40 (scaled with the batch) and cosine; 100
+                          epochs, momentum 0.9, no weight decay and random resized crops + flip are
+                          this project's choice. The backbone is checked bit-identical at the end.
+                          --cached-features: the layer trained on features of the centre crops,
+                          embedded once (no augmentation; minutes, not hours). --standardize: a
+                          fixed per-feature standardisation first (off by default).
+  --label-fraction F      Table 7: fine-tune everything on a fraction F of the labels, backbone lr
+                          0.001, classifier lr 15 (1%) or 10 (paper); batch 256 (lr scaled), cosine,
+                          20 epochs (choices). The paper uses the published 1% / 10% ImageNet lists:
+                          pass them as --subset-file; without it a class-balanced draw is used. The
+                          paper reports top-5 here.
+  --knn                   weighted kNN (not in the paper; the common instance-discrimination check):
+                          the k = 20 and 200 most cosine-similar training images vote with weight
+                          exp(sim / 0.07) (02's knn_accuracy, sharded).
 
-Results: RUN/<linear_eval|knn|semi_F>[_random].json, per-epoch lines in <name>_log.jsonl. The
-trained protocols checkpoint every epoch and resume with the same command, on any process count.
+Results: RUN/<linear_eval|linear_eval_cached|knn|semi_F>[_random].json, per-epoch lines in
+<name>_log.jsonl. The trained protocols checkpoint every epoch and resume with the same command,
+on any process count (02's resume contract).
 
 Commands (after 01 and 02; --arch and --image-size default to the run's):
   python 04_linear_eval.py --data demo_data --out runs/demo --batch-size 256 --knn
@@ -57,7 +62,7 @@ parser.add_argument("--pretrained", default=None, metavar="PATH|random",
 parser.add_argument("--knn", action="store_true", help="weighted kNN instead of the linear probe")
 parser.add_argument("--knn-k", type=lambda text: [extract_init.POSITIVE(k) for k in text.split(",")], default=[20, 200],
                     help="neighbour counts, comma-separated (the first gives top1/top5)")
-parser.add_argument("--knn-temperature", type=extract_init.RATE, default=0.07)
+parser.add_argument("--knn-temperature", type=pretrain.RATE, default=0.07)
 parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=4096,
                     help="kNN: queries and training rows per similarity block (bounds memory)")
 parser.add_argument("--label-fraction", type=extract_init.number(float, 0, 1, open_low=True), default=None, metavar="F",
@@ -69,11 +74,11 @@ parser.add_argument("--cached-features", action="store_true",
 parser.add_argument("--standardize", action="store_true",
                     help="linear probe: standardise each feature with the train mean/std (up to 10000 centre "
                          "crops) before the linear layer; one lr then fits any backbone's feature scale")
-parser.add_argument("--lr", type=extract_init.RATE, default=None,
+parser.add_argument("--lr", type=pretrain.RATE, default=None,
                     help="linear layer lr at the reference batch: 40 at 2048 (probe); 15 (1%%) / 10 at 256 (semi)")
-parser.add_argument("--backbone-lr", type=extract_init.NON_NEGATIVE, default=0.001, help="semi-supervised backbone lr at batch 256")
-parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=0.0)
+parser.add_argument("--backbone-lr", type=pretrain.NON_NEGATIVE, default=0.001, help="semi-supervised backbone lr at batch 256")
+parser.add_argument("--momentum", type=pretrain.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=pretrain.NON_NEGATIVE, default=0.0)
 parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=50, help="steps between progress lines (image training)")
 
 SAMPLE = 10000  # training images behind --standardize and the random baseline's BN statistics
@@ -105,10 +110,11 @@ def main(argv=None):
                  f"or --pretrained random for the random-init baseline")
         backbone, width, described = load_pretrained_backbone(source, args.arch, args.image_size, args.seed)
         backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+        identity = state_fingerprint(backbone)  # before the random baseline's BN estimate, which rounds per run
         if source == "random":
             estimate_bn_statistics(backbone, paths, args, device, log)
         name = {"linear": "linear_eval", "knn": "knn"}.get(protocol) or f"semi_{args.label_fraction:g}"
-        name += "_random" if source == "random" else ""  # side by side with the pretrained result
+        name += ("_cached" if args.cached_features else "") + ("_random" if source == "random" else "")
         log(f"04_linear_eval: {protocol}{' (cached features)' if args.cached_features else ''} of {described}; "
             f"{args.arch} at {args.image_size} px, {len(paths)} train / {len(val_paths)} val images, {len(classes)} "
             f"classes, {dsm.get_world_size()} process(es) on {device}, batch {args.batch_size} ({local_batch} per process)")
@@ -119,9 +125,9 @@ def main(argv=None):
         if protocol == "knn":
             result = knn_protocol(args, backbone, train, val, len(classes), local_batch, device, log)
         else:
-            settings = {"stage": "04_linear_eval", "data": fingerprint["sha256"], "backbone": state_fingerprint(backbone),
-                        **{key: getattr(args, key) for key in ("epochs", "batch_size", "momentum", "weight_decay",
-                                                               "seed", "cached_features", "standardize")}}
+            settings = {"stage": "04_linear_eval", "data": fingerprint["sha256"], "backbone": identity,
+                        **{key: getattr(args, key) for key in ("arch", "image_size", "epochs", "batch_size", "momentum",
+                                                               "weight_decay", "seed", "cached_features", "standardize")}}
             result = trained_protocol(args, protocol, name, settings, backbone, width, train, val, len(classes),
                                       local_batch, device, log)
 
@@ -149,7 +155,7 @@ def network_defaults(args, log):
     """--arch / --image-size not given: those RUN/init.pt records (01 built the network, 02 kept it),
     so `--out RUN --data ROOT` evaluates what that run trained; without init.pt resnet50 at 224 px."""
     init = os.path.join(args.out, "init.pt")
-    made = extract_init.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
+    made = dsm.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
     args.arch = args.arch or made.get("arch", "resnet50")
     args.image_size = args.image_size or made.get("image_size", 224)
     log(f"network: {args.arch} at {args.image_size} px ({'as in ' + init if made else 'defaults'}; "
@@ -169,7 +175,7 @@ def load_pretrained_backbone(source, arch, image_size, seed=0):
         return backbone, width, f"random init (seed {seed})"
     if not os.path.isfile(source):
         fail(f"--pretrained {source} not found; pass RUN/backbone.pt, a 02 checkpoint.pt, or random")
-    obj = extract_init.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors")
+    obj = dsm.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors")
     if not isinstance(obj, dict):
         fail(f"--pretrained {source} holds a {type(obj).__name__}, not a state_dict")
     if isinstance(obj.get("network"), dict):  # 01 init.pt / 02 checkpoint.pt
@@ -266,7 +272,7 @@ def trained_protocol(args, protocol, name, settings, backbone, width, train, val
         train_epoch, evaluate_epoch = image_training(args, probe, optimizer, train, val, local_batch, device, log)
 
     # ---- resume ----
-    ckpt_path = os.path.join(args.out, name + ("_cached" if args.cached_features else "") + "_checkpoint.pt")
+    ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
     trained = probe if protocol == "semi" else probe.fc  # what the checkpoint must restore
     history = (pretrain.resume_from(ckpt_path, settings, trained, optimizer) or {}).get("history", [])
 

@@ -2,17 +2,21 @@
 
 --task classify  fine-tune everything on a labelled set (Tables 9-10): an ImageFolder root or
     torchvision's CIFAR10/100, DTD, Flowers102, SUN397 (first official partition), iNaturalist
-    (official json split), read from --data. The backbone plus a new linear head (04's model),
-    SGD, momentum 0.9, weight decay 1e-4, lr 0.1 at batch 256 (scaled) for head and backbone alike
-    (--backbone-lr-scale), cosine over --epochs (100); top-1/top-5 on the whole test split after
-    every epoch (04's evaluate). Images <= 64 px: pad-and-crop + flip; larger: random resized crop.
---task detect    VOC07+12 trainval -> VOC07 test (Table 8): torchvision's Faster R-CNN with our
-    ResNet under an FPN, every layer fine-tuned with BN trained (MoCo's protocol; SyncBN on several
-    GPUs; --det-norm frozen keeps the statistics), MoCo's detectron2 schedule: batch 16, lr 0.02,
-    24k iterations, x0.1 at 18k and 22k. AP, AP50, AP75 by a VOC-style evaluator (all-point;
-    --ap-metric 11-point is what detectron2 reports on VOC07).
+    (official json split), read from --data. The backbone plus a new linear head (04's model). The
+    paper gives no recipe; this one is: SGD, momentum 0.9, weight decay 1e-4, lr 0.1 at batch 256
+    (scaled) for head and backbone alike (--backbone-lr-scale), cosine over --epochs (100); top-1 /
+    top-5 on the whole test split after every epoch (04's evaluate; report the last, not the best).
+    At --image-size <= 64: pad-and-crop + flip; above: random resized crop + flip.
+--task detect    VOC07+12 trainval -> VOC07 test (Table 8). The paper follows MoCo: detectron2's
+    Faster R-CNN R50-C4 with SyncBN; here torchvision's Faster R-CNN with our ResNet under an FPN
+    (the numbers are not directly comparable; for MoCo's exact setting use --task export and its
+    config). As MoCo: every layer fine-tuned with BN trained (SyncBN on several GPUs; --det-norm
+    frozen keeps the statistics), batch 16, lr 0.02, 24k iterations, x0.1 at 18k and 22k, difficult
+    boxes trained on and ignored in the evaluation. AP, AP50, AP75 by a VOC-style evaluator with
+    11-point interpolation, as detectron2 scores VOC07 (--ap-metric all-point for VOC2010+).
 --task export    RUN/backbone_torchvision.pth (torchvision / mmdetection) and
-    RUN/backbone_detectron2.pkl (detectron2 names, numpy arrays: not a weights_only file).
+    RUN/backbone_detectron2.pkl (detectron2 names, numpy arrays: not a weights_only file; load with
+    RESNETS.STRIDE_IN_1X1 False, INPUT.FORMAT RGB and torchvision's pixel mean / std, as MoCo does).
 
 --init is RUN/backbone.pt by default; a 02 checkpoint, a torchvision-named ResNet state_dict, or
 `random` (the baseline, results beside the others with a _random suffix) also work. Results go to
@@ -65,25 +69,26 @@ parser.add_argument("--init", "--pretrained", metavar="PATH|random",
 parser.add_argument("--dataset", choices=CLASSIFY_SETS + ("voc",),
                     help="classify: imagefolder (default) or a torchvision set; detect: voc")
 parser.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data")
-parser.add_argument("--lr", type=extract_init.RATE, default=None,
+parser.add_argument("--lr", type=pretrain.RATE, default=None,
                     help="classify: lr at batch 256 (default 0.1); detect: lr at batch 16 (0.02); scaled linearly")
-parser.add_argument("--backbone-lr-scale", type=extract_init.NON_NEGATIVE, default=1.0,
+parser.add_argument("--backbone-lr-scale", type=pretrain.NON_NEGATIVE, default=1.0,
                     help="classify: backbone lr = head lr x this (1: one lr for every layer, for both arms)")
-parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=1e-4)
+parser.add_argument("--momentum", type=pretrain.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=pretrain.NON_NEGATIVE, default=1e-4)
 parser.add_argument("--inat-version", default="2018", choices=["2017", "2018", "2019", "2021"])
 parser.add_argument("--iters", type=extract_init.POSITIVE, default=24000, help="detect: training iterations")
 parser.add_argument("--lr-steps", type=extract_init.COUNT, nargs="*", default=[18000, 22000], help="detect: lr x 0.1 at these")
 parser.add_argument("--warmup-iters", type=extract_init.COUNT, default=100, help="detect: linear warm-up iterations")
 parser.add_argument("--min-size", type=extract_init.POSITIVE, nargs="+", default=list(range(480, 801, 32)),
-                    help="detect: training short side, drawn per batch from these")
+                    help="detect: training short side, drawn per image from these")
 parser.add_argument("--test-size", type=extract_init.POSITIVE, default=800, help="detect: test short side")
 parser.add_argument("--max-size", type=extract_init.POSITIVE, default=1333, help="detect: longest side cap")
 parser.add_argument("--voc-train", nargs="+", default=["2007:trainval", "2012:trainval"], metavar="YEAR:SPLIT")
 parser.add_argument("--voc-test", default="2007:test", metavar="YEAR:SPLIT")
 parser.add_argument("--det-norm", default="train", choices=["train", "frozen"],
                     help="detect: BN trained (SyncBN over CUDA processes; MoCo's protocol) or frozen")
-parser.add_argument("--ap-metric", default="all-point", choices=["all-point", "11-point"])
+parser.add_argument("--ap-metric", default="11-point", choices=["11-point", "all-point"],
+                    help="detect: VOC07's 11-point interpolation (what detectron2 reports), or all-point (VOC2010+)")
 parser.add_argument("--test-limit", type=extract_init.POSITIVE, default=None, help="detect: evaluate on the first N test images")
 parser.add_argument("--ckpt-every", type=extract_init.POSITIVE, default=1000, help="detect: iterations between checkpoints")
 parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=20, help="steps between progress lines")
@@ -101,7 +106,7 @@ def main(argv=None):
         fail("--dataset voc is for --task detect; pick one of " + ", ".join(CLASSIFY_SETS))
     if args.task == "detect" and args.dataset not in (None, "voc"):
         fail(f"--task detect reads PASCAL VOC only; drop --dataset {args.dataset}")
-    args.dataset = args.dataset or {"classify": "imagefolder", "detect": "voc"}.get(args.task)
+    args.dataset = args.dataset or {"classify": "imagefolder", "detect": "voc", "export": "backbone"}[args.task]
     if args.task != "export" and args.data is None:
         fail(f"--task {args.task} needs --data ROOT (the dataset's local folder)")
     args.init = args.init or os.path.join(args.out, "backbone.pt")
@@ -302,6 +307,9 @@ def detect(args, device):
     settings = settings_of(args, DETECT_SETTINGS, backbone)
     net = build_detector(backbone, width, len(VOC_CLASSES) + 1, args.min_size, args.test_size, args.max_size,
                          args.det_norm)
+    if args.image_size <= 64:
+        log(f"note: --image-size {args.image_size} builds the small-image stem (stride 1, no max-pool): at detection "
+            "sizes layer1 runs at full resolution; pass the 224 px backbone's --image-size for VOC")
     sync_bn = args.det_norm == "train" and world > 1 and device.type == "cuda"
     if sync_bn:  # BN statistics over the whole batch of 16, as on MoCo's 8 GPUs
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -330,16 +338,16 @@ def detect(args, device):
     if dsm.is_main():
         truths = [voc_objects(test_set.parse_voc_xml(ET.parse(test_set.annotations[i]).getroot()))
                   for i in range(test_count)]
-        result = voc_ap(detections, truths, len(VOC_CLASSES), metric=args.ap_metric)
-        log(f"VOC {args.voc_test} ({test_count} images, {time.perf_counter() - t0:.1f} s): AP {result['AP']:.2f} "
-            f"AP50 {result['AP50']:.2f} AP75 {result['AP75']:.2f} ({args.ap_metric} interpolation)")
+        ap = voc_ap(detections, truths, len(VOC_CLASSES), metric=args.ap_metric)
+        log(f"VOC {args.voc_test} ({test_count} images, {time.perf_counter() - t0:.1f} s): AP {ap['AP']:.2f} "
+            f"AP50 {ap['AP50']:.2f} AP75 {ap['AP75']:.2f} ({args.ap_metric} interpolation)")
         path = result + ".json"
         extract_init.write_json(path, {
             "task": "detect", "dataset": "voc", "settings": settings, "init": described,
             "train_images": len(train_set), "test_images": test_count, "iterations": it, "lr": base_lr,
-            "AP": result["AP"], "AP50": result["AP50"], "AP75": result["AP75"], "ap_metric": args.ap_metric,
-            "per_class": {c: {"AP": ap, "AP50": ap50} for c, ap, ap50 in
-                          zip(VOC_CLASSES, result["per_class_AP"], result["per_class_AP50"])}})
+            "AP": ap["AP"], "AP50": ap["AP50"], "AP75": ap["AP75"], "ap_metric": args.ap_metric,
+            "per_class": {c: {"AP": a, "AP50": a50} for c, a, a50 in
+                          zip(VOC_CLASSES, ap["per_class_AP"], ap["per_class_AP50"])}})
         log(f"wrote {path}")
 
 
@@ -399,7 +407,7 @@ def build_detector(backbone, width, num_classes, min_size, test_size, max_size, 
     """torchvision Faster R-CNN on `backbone` (a ResNet, weights already loaded) under an FPN over
     layer1-4 (+ a max-pooled P6). norm "train": BN everywhere trainable, FPN with BN too (MoCo's
     protocol); "frozen": the backbone's BN frozen at its statistics, FPN without norm. All layers
-    are trained; nothing is downloaded. Training draws the short side from min_size per batch."""
+    are trained; nothing is downloaded. Training draws each image's short side from min_size."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     if norm == "frozen":
@@ -573,7 +581,8 @@ def export(args, device):
     backbone, _, described = linear_eval.load_pretrained_backbone(args.init, args.arch, args.image_size, args.seed)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     os.makedirs(args.out, exist_ok=True)
-    tv_path, d2_path = os.path.join(args.out, "backbone_torchvision.pth"), os.path.join(args.out, "backbone_detectron2.pkl")
+    stem = os.path.join(args.out, "backbone" + ("_random" if args.init == "random" else ""))
+    tv_path, d2_path = stem + "_torchvision.pth", stem + "_detectron2.pkl"
     dsm.atomic_save(state, tv_path)
     d2 = detectron2_names(state)
     dsm.atomic_save({"model": d2, "__author__": "05_transfer.py (instance classification pretraining)",
@@ -582,8 +591,8 @@ def export(args, device):
     print(f"wrote {tv_path} ({len(state)} tensors, torchvision names) and {d2_path} ({len(d2)} arrays, detectron2 names)")
     if small:
         print("note: this backbone has the small-image 3x3 stem; detectron2's and mmdetection's default "
-              "ResNets have a 7x7 stem and will refuse stem.conv1")
-    path = os.path.join(args.out, "transfer_export_backbone.json")
+              "ResNets have a 7x7 stem and skip stem.conv1 with only a warning")
+    path = result_files(args)[0] + ".json"
     extract_init.write_json(path, {"task": "export", "dataset": "backbone", "settings": vars(args), "init": described,
                                    "torchvision": tv_path, "detectron2": d2_path, "tensors": len(state),
                                    "stem": "3x3 stride 1, no max-pool" if small else "7x7 stride 2 + max-pool"})

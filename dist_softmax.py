@@ -9,7 +9,7 @@ paper's Figure 2, steps 1-8):
   1. the backbone embeds this rank's b images                      (the caller)
   2. all_gather the embeddings, labels and hard-class ids -> B = W*b rows
   3. cosine logits of all B rows against the local rows          s = cos(v, w) / tau
-  4. exp, then ONE all_reduce of [sum_j exp(s_ij), sum_j y_ij s_ij]  (both are sums over classes)
+  4. exp, then ONE all_reduce of [sum_j exp(s_ij), sum_j y_ij s_ij]  (both sums over classes)
   5. loss_i = log sum_j exp(s_ij) - sum_j y_ij s_ij                 (Eq. 1 / Eq. 3)
   6. backward: the kept exp buffer times the local rows and the gathered embeddings, with
      1/sum_j and the targets y folded into the small operands: dL/ds = (p - y) / B
@@ -27,6 +27,7 @@ every stage joins the torchrun process group, holds its run folder, writes files
 stops with one line on every rank.
 """
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -64,12 +65,15 @@ class DistCosineSoftmax(nn.Module):
 
     forward(features [b, dim], labels [b], hard_classes [b, k] or None, alpha) returns Eq. 3
     (Eq. 1 when alpha is 0 or there are no hard classes), averaged over the global batch W*b and
-    the same on every rank. Keep this module outside DDP: the gradient it hands the features is
-    W x dL/dx (the sum over the W ranks' identical copies of the loss), which DDP's average over W
-    turns into exactly dL/dtheta of the global loss. The local rows get exactly dL/dw.
+    the same on every rank; b, k and alpha must be the same on every rank, and the k hard classes
+    of a label other ids than it. Keep this module outside DDP: the gradient it hands the features
+    is W x dL/dx (the sum over the W ranks' identical copies of the loss), which DDP's average over
+    W turns into exactly dL/dtheta of the global loss (so a gradient check of this module alone on
+    W > 1 ranks sees W times dL/dx). The local rows get exactly dL/dw.
 
     chunk_size bounds the logits buffer at (W*b) x chunk_size by walking the local rows in chunks
-    and recomputing each chunk's logits in backward; the result equals the unchunked one.
+    and recomputing each chunk's logits in backward; the result equals the unchunked one up to the
+    order of the sums.
     """
 
     def __init__(self, num_classes, dim, temperature=0.15, chunk_size=None):
@@ -84,8 +88,10 @@ class DistCosineSoftmax(nn.Module):
         if num_classes < self.world_size:
             raise ValueError(f"{num_classes} classes cannot be sharded over {self.world_size} processes")
         self.start, self.end = shard_range(num_classes, self.rank, self.world_size)
-        # Gaussian rows: the "random init." arm of Figure 4; 01_extract_init.py overwrites them.
-        self.weight = nn.Parameter(torch.randn(self.end - self.start, dim) * 0.01)
+        # Placeholder rows until load_classifier() fills in those of 01 (its prior, or Figure 4's
+        # Gaussian arm); drawn per shard so that no two shards start equal.
+        generator = torch.Generator().manual_seed(self.start)
+        self.weight = nn.Parameter(torch.randn(self.end - self.start, dim, generator=generator) * 0.01)
 
     def forward(self, features, labels, hard_classes=None, alpha=0.0):
         if hard_classes is None or alpha == 0:
@@ -114,10 +120,14 @@ class _CosineSoftmax(torch.autograd.Function):
     def forward(ctx, features, weight, labels, hard_classes, alpha, module):
         tau, world_size = module.temperature, module.world_size
         device_type = features.device.type
-        # Matrix products follow autocast (bf16 on GPU); the softmax itself is always fp32
-        # (float64 for float64 inputs, which the exactness tests use).
+        # Matrix products follow autocast (bf16 on GPU: the logits then carry a relative error of
+        # about 2^-9); exp, sums and the loss are fp32 (float64 for float64 inputs, which the
+        # exactness tests use). fp16 would underflow the backward's row scale c / (tau S_i).
         dtype = torch.promote_types(features.dtype, torch.float32)
         mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+        if mm_dtype == torch.float16:
+            raise ValueError("DistCosineSoftmax under fp16 autocast: its products need bf16's range; "
+                             "use torch.autocast(..., dtype=torch.bfloat16)")
         with torch.autocast(device_type, enabled=False):
             # Step 2: gather the global batch B = W*b. Id column 0 is the label, columns 1..k the
             # hard classes, gathered together.
@@ -288,6 +298,8 @@ def send_rows_to_owners(ids, rows, num_rows):
     and one all_to_all sends each row to the rank that owns its id. No rank holds all num_rows rows."""
     world = get_world_size()
     start, end = shard_range(num_rows, get_rank(), world)
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= num_rows):
+        raise ValueError(f"ids must lie in [0, {num_rows})")
     shard = rows.new_empty((end - start,) + tuple(rows.shape[1:]))
     if world > 1:
         owners = owner_of(ids, num_rows, world)
@@ -302,7 +314,7 @@ def send_rows_to_owners(ids, rows, num_rows):
         dist.all_to_all_single(received_ids, ids, recv, send)
         dist.all_to_all_single(received_rows, rows, recv, send)
         ids, rows = received_ids, received_rows
-    if len(ids) != end - start:
+    if len(ids) != end - start or len(torch.unique(ids)) != len(ids):
         raise RuntimeError(f"{len(ids)} rows reached a shard of {end - start}: every id must be sent exactly once")
     shard[ids - start] = rows
     return shard
@@ -418,6 +430,8 @@ def data_parallel(module, device):
 # ---------------------------------------------------------------- one stage: a process group, a run folder, one line per rank
 
 PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
+UMASK = os.umask(0o22)  # read once (umask can only be read by setting it), then put back
+os.umask(UMASK)
 
 
 def fail(message, code=2):
@@ -452,8 +466,19 @@ def atomic_save(obj, path, dump=torch.save):
         raise
 
 
-UMASK = os.umask(0o22)
-os.umask(UMASK)
+def load_run_file(path, needs=(), fix="rerun the stage that writes it"):
+    """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
+    `needs`: anything unreadable, truncated or of another shape stops with one line naming the file
+    and `fix`, not a traceback."""
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every way of being unreadable gets the same answer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        fail(f"cannot read {path} ({reason}); {fix}")
+    missing = [key for key in needs if not isinstance(obj, dict) or key not in obj]
+    if missing:
+        fail(f"{path} is not a file this stage reads (no {', '.join(missing)}); {fix}")
+    return obj
 
 
 class Terminated(BaseException):
@@ -464,25 +489,31 @@ class Terminated(BaseException):
 def stage(args):
     """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
     process group when launched by torchrun, hold the run folder RUN (--out) against a second run
-    (RUN/.lock, taken by rank 0), remove the temporary files a killed run left there, print the
-    arguments, and leave the group at the end.
+    (rank 0 flocks RUN/.lock; the kernel lets go when the process dies, so no lock outlives its
+    run), remove the temporary files a killed run left there, print the arguments, and leave the
+    group at the end.
 
-    Every way of stopping ends in one line on stderr on every rank: its own error (exit 2); "stopped
-    because process R failed" when another rank's error broke a collective; on Ctrl-C or SIGTERM,
-    where the run stands and that the same command resumes it (exit 130 / 143)."""
+    Every way of stopping ends in one line on stderr: its own error (exit 2); on the other ranks,
+    "stopped because process R failed" once that rank's exit breaks a collective (R leaves a mark in
+    RUN, so RUN must be shared by the nodes, as the checkpoints already need); on Ctrl-C or SIGTERM,
+    where the run stands and that the same command resumes it (exit 130 / 143). On NCCL a rank
+    blocked in a collective cannot run Python: there torchrun stops it, and its own summary names
+    the process that failed."""
     out, owns_group = args.out, not dist.is_initialized()
     device = init_distributed(args.device)
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     PROGRESS["where"] = None
-    holder = None
+    lock, held = None, False
     try:
-        holder = _hold_run_folder(out, device)
+        lock = _hold_run_folder(out, device)
+        held = True  # every rank: rank 0 holds RUN, so failure marks may be written there
         if is_main():
             print("args: " + json.dumps(vars(args), sort_keys=True), flush=True)
         yield device
         finish_distributed(owns_group)
     except (KeyboardInterrupt, Terminated) as e:
-        failed = _failed_peer(out) if get_world_size() > 1 else None
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one line, even if a second signal follows
+        failed = _failed_peer(out) if held and get_world_size() > 1 else None
         if failed is not None:
             fail(f"stopped because process {failed} failed (see its message)")
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
@@ -490,20 +521,22 @@ def stage(args):
         fail(f"{what};{where} what was saved in {out} is kept, and the same command resumes from it",
              130 if isinstance(e, KeyboardInterrupt) else 143)
     except SystemExit as e:
-        if e.code not in (0, None) and get_world_size() > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if e.code not in (0, None) and held and get_world_size() > 1:
             _mark_failed(out)  # before this process exits and breaks the others' collectives
         raise
     except Exception:
-        failed = _failed_peer(out) if get_world_size() > 1 else None
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        failed = _failed_peer(out) if held and get_world_size() > 1 else None
         if failed is None:
-            if get_world_size() > 1:
+            if held and get_world_size() > 1:
                 _mark_failed(out)
-            raise
+            raise  # this rank's own error: a traceback is what a bug should show
         fail(f"stopped because process {failed} failed (see its message)")
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        if holder is not None:
-            _release_run_folder(out, holder)
+        if lock is not None:
+            lock.close()  # lets go of the flock
 
 
 def _raise_terminated(signum, frame):
@@ -511,11 +544,16 @@ def _raise_terminated(signum, frame):
 
 
 def _hold_run_folder(out, device):
-    """Rank 0 takes RUN/.lock (host and pid) and clears stale temporaries; every rank learns the outcome.
-    A lock whose process is gone (same host) is taken over. Returns what rank 0 wrote, else None."""
-    problem, holder = None, None
+    """Rank 0 takes RUN/.lock and clears what a killed run left; every rank learns the outcome.
+    Returns rank 0's open lock file (None on the other ranks)."""
+    problem, lock = None, None
     if is_main():
-        problem, holder = _take_lock(out)
+        problem, lock = _take_lock(out)
+        if lock is not None:  # before the broadcast: no rank has started, so no mark is fresh
+            for stale in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(out, ".failed-rank-*")):
+                os.remove(stale)
+                if ".tmp-" in stale:
+                    print(f"removed {stale}, a half-written file of a killed run", flush=True)
     if get_world_size() > 1:
         ok = torch.tensor([problem is None], dtype=torch.int32, device=device)
         dist.broadcast(ok, src=0)
@@ -523,61 +561,31 @@ def _hold_run_folder(out, device):
             fail("stopped because process 0 failed (see its message)")
     if problem:
         fail(problem)
-    if holder is not None:
-        for stale in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(out, ".failed-rank-*")):
-            os.remove(stale)
-            if ".tmp-" in stale:
-                print(f"removed {stale}, a half-written file of a killed run", flush=True)
-    return holder
+    return lock
 
 
 def _take_lock(out):
-    """(problem or None, this process's "host pid" line) after trying to create RUN/.lock."""
+    """(problem or None, the open RUN/.lock flocked by this process, holding "host pid")."""
     if os.path.exists(out) and not os.path.isdir(out):
         return f"--out {out} is a file, not a folder; pass a folder for the run", None
-    path, me = os.path.join(out, ".lock"), f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            os.makedirs(out, exist_ok=True)
-            with open(path, "x") as f:
-                f.write(me + "\n")
-            return None, me
-        except FileExistsError:
-            host, _, pid = _read(path).partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                os.remove(path)  # its run is gone: take over
-                continue
-            return (f"{out} is in use by another run (process {pid or '?'} on {host or '?'}); wait for it to end, "
-                    f"or delete {path} if that run is gone"), None
-        except OSError as e:
-            return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
-    return f"cannot take {path}; delete it if no run uses {out}", None
-
-
-def _release_run_folder(out, holder):
     path = os.path.join(out, ".lock")
-    if _read(path) == holder:
-        os.remove(path)
-
-
-def _read(path):
     try:
-        with open(path) as f:
-            return f.read().strip()
+        os.makedirs(out, exist_ok=True)
+        lock = open(path, "a+")
+    except OSError as e:
+        return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return ""
-
-
-def _alive(pid):
-    if pid == os.getpid():
-        return False  # a lock this process left behind (a stage called again in the same process)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock.seek(0)
+        holder = (lock.read().strip().splitlines() or ["another process"])[0]
+        lock.close()
+        return f"{out} is in use by another run ({holder}); wait for it to end or pass another --out", None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return None, lock
 
 
 def _mark_failed(out):

@@ -47,7 +47,7 @@ def report(out):
         for metric, key in metrics:
             cells = [cell(result, key) for result in (pretrained, random_init)]
             rows.append((f"{label} {metric}", *cells))
-    about = load(out, "knn") or load(out, "linear_eval") or load(out, "knn_random") or {}
+    about = next((r for r in map(lambda name: load(out, name), ("knn", "linear_eval", "linear_eval_cached", "knn_random")) if r), {})
     lines = [f"# Results of {out}", ""]
     if {"arch", "image_size", "train_images", "val_images", "classes"} <= set(about):
         lines += [f"{about['arch']} at {about['image_size']} px; {about['train_images']} train / "
@@ -72,7 +72,8 @@ def result_pairs(out):
     knn = load(out, "knn") or load(out, "knn_random") or {}
     top1 = [("top-1", "top1")]
     pairs = [("kNN", "knn", [(f"top-1 (k={k})", ("results", k, "top1")) for k in knn.get("results", {})]),
-             ("linear probe", "linear_eval", top1 + [("top-5", "top5")])]
+             ("linear probe", "linear_eval", top1 + [("top-5", "top5")]),
+             ("linear probe (cached features)", "linear_eval_cached", top1 + [("top-5", "top5")])]
     pairs += [(f"semi-supervised {float(f):.0%}", f"semi_{f}", top1) for f in ("0.01", "0.1")]
     names = sorted(n[:-len(".json")] for n in os.listdir(out) if n.startswith("transfer_classify_")
                    and n.endswith(".json") and not n.endswith("_random.json"))

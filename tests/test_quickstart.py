@@ -49,15 +49,15 @@ def quickstart(tmp_path_factory):
 
 def test_every_stage_of_the_quickstart_runs_and_the_report_is_written(quickstart):
     out, printed = quickstart
-    for name in ("init.pt", "backbone.pt", "hard_classes.json", "knn.json", "knn_random.json", "linear_eval.json",
-                 "linear_eval_random.json", "transfer_classify_imagefolder.json",
+    for name in ("init.pt", "backbone.pt", "hard_classes.json", "knn.json", "knn_random.json", "linear_eval_cached.json",
+                 "linear_eval_cached_random.json", "transfer_classify_imagefolder.json",
                  "transfer_classify_imagefolder_random.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "report.md")) as f:
         assert f.read().strip() in printed
 
 
-@pytest.mark.parametrize("row", ["kNN top-1", "linear probe top-1", "transfer classify imagefolder top-1"])
+@pytest.mark.parametrize("row", ["kNN top-1", "linear probe (cached features) top-1", "transfer classify imagefolder top-1"])
 def test_the_report_has_a_number_beside_each_pretrained_and_random_result(quickstart, row):
     _, printed = quickstart
     lines = [line for line in printed.splitlines() if line.startswith(f"| {row}")]
@@ -78,7 +78,7 @@ def test_the_verdict_line_counts_the_rows_where_pretrained_is_above_random(quick
 def test_the_report_shows_the_settings_both_arms_share_and_the_knn_curve(quickstart):
     _, printed = quickstart
     assert "- kNN: k [18], temperature 0.07" in printed  # k = 20 and 200 clamped to the 18 images
-    assert re.search(r"- linear probe: .*batch size 6.*epochs 3.*lr 1\.0.*standardize True", printed), printed
+    assert re.search(r"- linear probe \(cached features\): .*batch size 6.*epochs 3.*lr 1\.0.*standardize True", printed), printed
     assert re.search(r"\| epochs done \| kNN top-1 \|\n\| --- \| --- \|\n\| 2 \| \d+\.\d \|", printed), printed
 
 
