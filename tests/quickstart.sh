@@ -23,6 +23,6 @@ for B in "$OUT/backbone.pt" random; do                            # the pretrain
   $T 04_linear_eval.py $R --pretrained "$B" --knn
   $T 04_linear_eval.py $R --pretrained "$B" --cached-features --standardize --lr 1 --epochs 30 --batch-size 100
   # 05: fine-tune everything on the labelled images (Tables 9-10)
-  $T 05_transfer.py --task classify $R $N --init "$B" --lr 0.8 --epochs 5 --batch-size 32
+  $T 05_transfer.py --task classify $R $N --init "$B" --lr 0.3 --epochs 5 --batch-size 32
 done
 python tests/report.py "$OUT"                                     # the table: pretrained beside random
