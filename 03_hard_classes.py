@@ -47,12 +47,12 @@ parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=None, batch_size=4096, data_required=False)
 parser.add_argument("--hard-k", type=extract_init.POSITIVE, default=100, help="hard classes per instance, k of Eq. 2 (paper: 100)")
 parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
-                    help="rows and columns per similarity block (default: 2048 on CPU, 8192 on GPU)")
+                    help="rows and columns per similarity block (default: 1024 on CPU, 8192 on GPU)")
 parser.add_argument("--grid-rows", type=extract_init.POSITIVE, default=8, help="anchors in hard_classes.png (drawn with --seed)")
 parser.add_argument("--grid-cols", type=extract_init.POSITIVE, default=8, help="hardest negatives shown per anchor")
 
 GROUP = 16  # columns summarised by one maximum in the candidate filter (see candidates)
-DEFAULT_CHUNK = {"cpu": 2048, "cuda": 8192}  # rows and columns per similarity block
+DEFAULT_CHUNK = {"cpu": 1024, "cuda": 8192}  # rows and columns per similarity block (on CPU: cache-sized)
 
 
 @torch.no_grad()
@@ -148,7 +148,7 @@ def mine_hard_classes(classifier, k, chunk_size=None):
         raise ValueError(f"k = {k} hard classes need 1 <= k < num_classes = {classifier.num_classes}")
     w = F.normalize(classifier.weight.detach().float(), dim=1)
     device, world = w.device, classifier.world_size
-    chunk = -(-(chunk_size or DEFAULT_CHUNK.get(device.type, 2048)) // GROUP) * GROUP  # whole groups
+    chunk = -(-(chunk_size or DEFAULT_CHUNK.get(device.type, 1024)) // GROUP) * GROUP  # whole groups
     top = RunningTopK(len(w), k, device)
     row_blocks = [(r0, min(r0 + chunk, len(w))) for r0 in range(0, len(w), chunk)]
     # One owner's rows at a time (rank 0's shard is the largest), plus GROUP spare rows so that every
