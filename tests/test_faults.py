@@ -527,6 +527,12 @@ def test_an_out_that_is_a_file_is_one_line_before_any_work(data, tmp_path, capsy
     assert f"--out {out} is a file" in line
 
 
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(data, capsys):
+    out = "/proc/self/run"  # a folder no process can create, root included
+    line = stops_with_one_line(capsys, stages["04_linear_eval"].main, *network(out, data), "--knn", "--pretrained", "random")
+    assert f"cannot write to the run folder {out}" in line and "pass an --out you can write to" in line
+
+
 def test_a_full_disk_while_saving_keeps_the_last_checkpoint(data, run, monkeypatch, capsys):
     stages["02_pretrain"].main(argv_02(data, run, 1))
     before = sha256(os.path.join(run, "checkpoint.pt"))
@@ -561,7 +567,9 @@ def test_when_one_rank_fails_every_rank_says_what_happened(data, tmp_path):
     assert "Connection closed by peer" not in done.stderr and "gloo" not in done.stderr.lower()
 
 
-def test_ctrl_c_is_one_line_saying_where_the_run_stands(data, run):
+@pytest.mark.parametrize("signum, code, what", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_is_one_line_saying_where_the_run_stands(signum, code, what, data, run):
     argv = argv_02(data, run, 50)
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "02_pretrain.py"), *argv], cwd=ROOT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
@@ -570,10 +578,10 @@ def test_ctrl_c_is_one_line_saying_where_the_run_stands(data, run):
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.isfile(log) and '"epoch": 1' in open(log).read()):
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-3000:]
-    assert err.count("\n") == 1 and err.startswith("error: interrupted; in epoch ") and "resumes" in err, err
+    assert process.returncode == code, err[-3000:]
+    assert err.count("\n") == 1 and err.startswith(f"error: {what}; in epoch ") and "resumes" in err, err
 
 
 def sha256(path):
