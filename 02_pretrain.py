@@ -558,10 +558,7 @@ class KnnCurve:
     def measure(self, backbone, epoch):
         t0 = time.perf_counter()
         batch = self.args.batch_size // dsm.get_world_size()
-        bank_x, bank_y = embed_shard(backbone, *self.bank, self.args, batch, self.device)
-        val_x, val_y = embed_shard(backbone, *self.val, self.args, batch, self.device)
-        val_x = dsm.all_gather_shards(val_x, len(self.val[0]))
-        val_y = dsm.all_gather_shards(val_y, len(self.val[0]))
+        bank_x, bank_y, val_x, val_y = embed_for_knn(backbone, self.bank, self.val, self.args, batch, self.device)
         top1 = knn_accuracy(bank_x, bank_y, val_x, val_y, self.num_classes, [20])[20][0]
         self.seconds += time.perf_counter() - t0
         self.log(f"epoch {epoch}: kNN top-1 (k=20) {top1:.2f} on {len(val_y)} val images")
@@ -645,6 +642,15 @@ def embed_shard(backbone, paths, labels, args, batch_size, device):
     start, end = dsm.shard_range(len(paths), dsm.get_rank(), dsm.get_world_size())
     x = embed_features(backbone, paths[start:end], args.image_size, max(1, batch_size), args.workers, device)
     return F.normalize(x, dim=1), torch.tensor(labels[start:end], device=device)
+
+
+def embed_for_knn(backbone, bank, queries, args, batch_size, device):
+    """The inputs of knn_accuracy from (paths, labels) pairs: this rank's shard of the bank, and all
+    the queries on every rank."""
+    bank_x, bank_y = embed_shard(backbone, *bank, args, batch_size, device)
+    query_x, query_y = embed_shard(backbone, *queries, args, batch_size, device)
+    count = len(queries[0])
+    return bank_x, bank_y, dsm.all_gather_shards(query_x, count), dsm.all_gather_shards(query_y, count)
 
 
 @torch.no_grad()

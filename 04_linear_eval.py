@@ -550,9 +550,8 @@ def one_cpu_thread(device):
 def knn_protocol(args, backbone, train, val, num_classes, local_batch, device, log):
     """Embed train (sharded over the ranks) and val (gathered to every rank), vote, score."""
     t0 = time.perf_counter()
-    train_x, train_y = pretrain.embed_shard(backbone, train.paths, train.labels, args, local_batch, device)
-    val_x, val_y = pretrain.embed_shard(backbone, val.paths, val.labels, args, local_batch, device)
-    val_x, val_y = dsm.all_gather_shards(val_x, len(val)), dsm.all_gather_shards(val_y, len(val))
+    train_x, train_y, val_x, val_y = pretrain.embed_for_knn(backbone, (train.paths, train.labels),
+                                                            (val.paths, val.labels), args, local_batch, device)
     log(f"embedded {len(train)} train + {len(val)} val images in {time.perf_counter() - t0:.1f} s")
     ks = list(dict.fromkeys(min(k, len(train)) for k in args.knn_k))
     if ks != args.knn_k:
