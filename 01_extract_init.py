@@ -214,7 +214,8 @@ def list_images(folder):
 
     found, seen, skipped = [], set(), 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
-        folder_id = (os.stat(dirpath).st_dev, os.stat(dirpath).st_ino)
+        info = os.stat(dirpath)
+        folder_id = (info.st_dev, info.st_ino)
         if folder_id in seen:  # a symbolic link back to a folder already listed (a loop, or a second path)
             dirnames[:], skipped = [], skipped + 1
             continue
