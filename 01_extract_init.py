@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -104,14 +105,17 @@ def add_common_args(parser, epochs, batch_size, data_required=True):
                         help="global batch in instances, split evenly over the processes")
     parser.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
                         help="data-loading processes per training process")
+    parser.add_argument("--loader-timeout", type=POSITIVE, default=300, metavar="S",
+                        help="seconds a loader worker may take for one batch before the run stops with a message")
     parser.add_argument("--seed", type=number(int, 0, 2**31 - 1), default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 parser = Parser(__doc__)
 add_common_args(parser, epochs=None, batch_size=4096)
-parser.add_argument("--bn", default="running", choices=["running", "fixed"],
-                    help="BN in training mode during the pass (the paper's running BNs) or in eval mode")
+parser.add_argument("--bn", default="running", choices=["running", "ema", "fixed"],
+                    help="running: each batch normalised by its own statistics (BN in training mode, the paper's "
+                         "running BNs); ema: by the running averages this batch has just updated; fixed: eval mode")
 parser.add_argument("--init", default="raw", choices=["raw", "random"],
                     help="raw: rows = embeddings from the pass; random: Gaussian rows, no pass")
 parser.add_argument("--dim", type=POSITIVE, default=128, help="embedding size D")
@@ -162,16 +166,16 @@ def main(argv=None):
         # ---- the pass: shuffled batches, each row sent to the rank that owns it ----
         t0 = time.perf_counter()
         if args.init == "raw":
-            net.train(args.bn == "running")
-            if args.bn == "running":
-                track_bn_averages(net)  # the saved statistics: the average over the whole pass
-            ids, embeddings = zip(*prior_pass(net, paths, eval_transform(args.image_size), local_batch,
-                                              args.workers, device, args.seed))
+            hooks = set_bn_mode(net, args.bn)
+            ids, embeddings = zip(*prior_pass(net, paths, eval_transform(args.image_size), local_batch, args,
+                                              device))
             rows = dsm.send_rows_to_owners(torch.cat(ids), torch.cat(embeddings), n)
-            if args.bn == "running":
+            for hook in hooks:
+                hook.remove()
+            if args.bn != "fixed":
                 merge_bn_averages(net)  # one network state for the run, whatever the process count
         else:
-            rows = gaussian_rows(start, end, args.dim, args.seed).to(device)
+            rows = dsm.seeded_rows(start, end, args.seed, lambda g, b: torch.randn(b, args.dim, generator=g)).to(device)
         # Unit rows: the cosine logits ignore a row's length, but its SGD step scales with 1/|w|^2,
         # so every arm starts at the same scale whatever the raw embeddings' norm.
         with torch.no_grad():
@@ -183,7 +187,7 @@ def main(argv=None):
         if dsm.is_main():
             network = {k: v.detach().cpu() for k, v in net.state_dict().items()}
             path = os.path.join(args.out, "init.pt")
-            dsm.atomic_save({"network": network, "classifier": state, "args": vars(args),
+            atomic_save({"network": network, "classifier": state, "args": vars(args),
                              "fingerprint": fingerprint}, path)
             log(f"wrote {path}: network + {n} x {args.dim} classifier rows")
 
@@ -257,13 +261,54 @@ def check_data_fingerprint(run_dir, paths, data_root):
     return fingerprint
 
 
+def atomic_save(obj, path, dump=torch.save):
+    """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
+    half a file, and a full disk leaves the previous file as it was (one line, exit 2). torch.save
+    by default; pickle.dump or a bytes writer work the same way. The file gets the umask's mode."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror}); pass an --out you can write to")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide results from the user's group
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):  # ENOSPC, EDQUOT, EIO...: the previous file is untouched
+            fail(f"cannot write {path} ({e.strerror}); the previous {os.path.basename(path)} is kept; "
+                 "free space or pass another --out, then rerun the command")
+        raise
+
+
+UMASK = os.umask(0o22)  # read once (umask can only be read by setting it), then put back
+os.umask(UMASK)
+
+
 def write_json(path, obj):
-    """JSON written atomically (dist_softmax.atomic_save): a reader never sees half a file."""
-    dsm.atomic_save(json.dumps(obj, indent=2).encode(), path, dump=lambda data, f: f.write(data))
+    """JSON written atomically: a reader never sees half a file."""
+    atomic_save(json.dumps(obj, indent=2).encode(), path, dump=lambda data, f: f.write(data))
 
 
-class BadImageError(RuntimeError):
-    """An image file that PIL cannot decode; the message names the file."""
+def load_run_file(path, needs=(), fix="rerun the stage that writes it"):
+    """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
+    `needs`: anything unreadable, truncated or of another shape stops with one line naming the file
+    and `fix`, not a traceback."""
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every way of being unreadable gets the same answer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        fail(f"cannot read {path} ({reason}); {fix}")
+    missing = [key for key in needs if not isinstance(obj, dict) or key not in obj]
+    if missing:
+        fail(f"{path} is not a file this stage reads (no {', '.join(missing)}); {fix}")
+    return obj
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -283,7 +328,7 @@ class ImageList(torch.utils.data.Dataset):
 def load_rgb(path):
     """The image at `path` as 8-bit RGB. 16-bit, 32-bit and float images are scaled by their own range
     (65535 for 16-bit values, else their maximum), not clipped to white; a file PIL cannot decode, or
-    one too large to decode safely (PIL's decompression-bomb guard), is a BadImageError naming it."""
+    one too large to decode safely (PIL's decompression-bomb guard), is an InputError naming it."""
     try:
         with Image.open(path) as image:
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -292,17 +337,30 @@ def load_rgb(path):
                 return Image.fromarray(np.clip(pixels / top * 255, 0, 255).astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot read image {path} ({e}); remove or replace that file") from None
+        raise dsm.InputError(bad_image(path, e)) from None
 
 
-@contextlib.contextmanager
-def bad_images_fail():
-    """Turn a BadImageError (also one re-raised from a loader worker) into fail(<its one line>)."""
-    try:
-        yield
-    except BadImageError as e:
-        lines = [line for line in str(e).splitlines() if "cannot read image" in line]
-        fail((lines[-1] if lines else str(e)).split("BadImageError: ")[-1].strip())
+def bad_image(path, error):
+    return f"cannot read image {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); remove or replace that file"
+
+
+def data_loader(dataset, args, device, **kwargs):
+    """torch's DataLoader as every stage uses it: --workers processes, pinned memory on CUDA, and a
+    --loader-timeout for each batch, so that a loader that stops delivering ends the run with one
+    line (dist_softmax.stage) instead of a silent wait."""
+    return torch.utils.data.DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == "cuda",
+                                       timeout=args.loader_timeout if args.workers else 0, **kwargs)
+
+
+def timed_batches(loader):
+    """One epoch of (batch, seconds spent waiting for it): the data-wait share of the progress lines."""
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - t0
 
 
 class TwoViews:
@@ -324,21 +382,23 @@ def eval_transform(image_size):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-# The SimCLR augmentation of the training views (MoCo v2 strengths), for train_transform and 02's device path.
+# SimCLR's augmentation of the training views (the paper cites it), for train_transform and 02's
+# device path. Colour jitter (brightness, contrast, saturation, hue): SimCLR's strength 1, or MoCo v2's half.
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-JITTER, P_JITTER, P_GRAY, P_BLUR, BLUR_SIGMA = (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5, (0.1, 2.0)
+JITTER = {"simclr": (0.8, 0.8, 0.8, 0.2), "mocov2": (0.4, 0.4, 0.4, 0.1)}
+P_JITTER, P_GRAY, P_BLUR, BLUR_SIGMA = 0.8, 0.2, 0.5, (0.1, 2.0)
 
 
 def blur_kernel(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)  # about 10% of the side, odd
 
 
-def train_transform(image_size):
-    """SimCLR-style augmentation (MoCo v2 strengths): crop, flip, jitter, grayscale, blur."""
+def train_transform(image_size, jitter="simclr"):
+    """SimCLR's augmentation: crop, flip, colour jitter (SimCLR's or MoCo v2's strength), grayscale, blur."""
     return transforms.Compose([
         transforms.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO),
         transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(*JITTER)], p=P_JITTER),
+        transforms.RandomApply([transforms.ColorJitter(*JITTER[jitter])], p=P_JITTER),
         transforms.RandomGrayscale(p=P_GRAY),
         transforms.RandomApply([transforms.GaussianBlur(blur_kernel(image_size), sigma=BLUR_SIGMA)], p=P_BLUR),
         transforms.ToTensor(),
@@ -425,34 +485,45 @@ def prior_batches(num_instances, batch_size, seed):
 
 
 @torch.no_grad()
-def prior_pass(net, paths, transform, batch_size, workers, device, seed):
+def prior_pass(net, paths, transform, batch_size, args, device):
     """Yield (instance ids, embeddings) batch by batch for this process's share of prior_batches:
     batches r, r + W, r + 2W, ... on rank r. The network runs in the mode it is in."""
     rank, world = dsm.get_rank(), dsm.get_world_size()
-    batches = [b.tolist() for b in prior_batches(len(paths), batch_size, seed)[rank::world]]
-    loader = torch.utils.data.DataLoader(ImageList(paths, transform), batch_sampler=batches,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
-    with bad_images_fail():
-        for images, index in loader:
-            with autocast(device):
-                yield index.to(device), net(to_device(images, device)).float()
+    batches = [b.tolist() for b in prior_batches(len(paths), batch_size, args.seed)[rank::world]]
+    for images, index in data_loader(ImageList(paths, transform), args, device, batch_sampler=batches):
+        with autocast(device):
+            yield index.to(device), net(to_device(images, device)).float()
 
 
 def batch_norms(net):
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def track_bn_averages(net):
-    """Reset every BN's running statistics and make them the plain average over the batches to come
-    (momentum None), instead of an exponential average of the last few."""
+def set_bn_mode(net, mode):
+    """Figure 4's readings of BN during the prior pass; returns hooks to remove after it.
+    running: training mode, each batch normalised by its own statistics; the saved statistics
+    become the plain average over the pass (momentum None). ema: each batch normalised by the
+    running averages it has just updated (momentum 0.1, started from the first batch's statistics):
+    "a weighted average of ... features extracted in previous iterations". fixed: eval mode."""
+    net.train(mode == "running")
     for bn in batch_norms(net):
         bn.reset_running_stats()
-        bn.momentum = None
+        bn.momentum = None if mode == "running" else 0.1
+    return [bn.register_forward_pre_hook(_update_running_stats) for bn in batch_norms(net)] if mode == "ema" else []
+
+
+def _update_running_stats(bn, inputs):
+    x = inputs[0].float()
+    dims = [0] + list(range(2, x.dim()))
+    weight = 1.0 if bn.num_batches_tracked == 0 else bn.momentum
+    bn.running_mean.lerp_(x.mean(dims), weight)
+    bn.running_var.lerp_(x.var(dims), weight)  # unbiased, as BN's own running_var
+    bn.num_batches_tracked += 1
 
 
 def merge_bn_averages(net):
-    """After track_bn_averages and a pass: the average over every rank's batches, weighted by each
-    rank's batch count, so the statistics do not depend on the process count; momentum back to 0.1."""
+    """After a pass: every rank's statistics averaged, weighted by each rank's batch count (with
+    --bn running they then do not depend on the process count); momentum back to 0.1."""
     for bn in batch_norms(net):
         if dsm.get_world_size() > 1:
             count = bn.num_batches_tracked.to(bn.running_mean)
@@ -463,19 +534,6 @@ def merge_bn_averages(net):
             bn.running_var.copy_(totals[width:2 * width] / totals[-1].clamp_min(1))
             bn.num_batches_tracked.fill_(int(totals[-1]))
         bn.momentum = 0.1
-
-
-def gaussian_rows(start, end, dim, seed):
-    """Rows [start, end) of Figure 4's "random init." arm: Gaussian rows (their scale does not matter,
-    main stores unit rows), no pass over the data. They come in blocks of 4096 drawn from a generator
-    seeded by (seed, block), so they do not depend on the process count."""
-    blocks = []
-    for block in range(start // 4096, (end - 1) // 4096 + 1):
-        generator = torch.Generator().manual_seed(seed * 1000003 + block)
-        rows_of_block = torch.randn(4096, dim, generator=generator)
-        lo, hi = max(start, block * 4096), min(end, (block + 1) * 4096)
-        blocks.append(rows_of_block[lo - block * 4096:hi - block * 4096])
-    return torch.cat(blocks)
 
 
 @torch.no_grad()
@@ -506,7 +564,7 @@ def view_cosine_gap(net, paths, args, device, batch_size=64):
     """Figure 4's similarity gap: mean cosine of the embeddings of two augmented views of one
     instance, and of views of two different instances, on a fixed sample, with BN as in the pass.
     A copy of the network is used so that its BN statistics stay as they were saved."""
-    net = copy.deepcopy(net).train(args.bn == "running")
+    net = copy.deepcopy(net).train(args.bn == "running")  # ema: the pass's final averages
     generator = torch.Generator().manual_seed(args.seed + 2)
     sample = torch.randperm(len(paths), generator=generator)[:args.diagnostic_samples].tolist()
     torch.manual_seed(args.seed + 3)  # the augmentations drawn below
@@ -515,12 +573,11 @@ def view_cosine_gap(net, paths, args, device, batch_size=64):
     # Whole batches only: BN in training mode would normalise a last batch of one or two alone.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(sample) > batch_size)
     first, second = [], []
-    with bad_images_fail():
-        for views, _ in loader:
-            with autocast(device):
-                z = net(to_device(views.flatten(0, 1), device)).float().view(views.shape[0], 2, -1)
-            first.append(F.normalize(z[:, 0], dim=1))
-            second.append(F.normalize(z[:, 1], dim=1))
+    for views, _ in loader:
+        with autocast(device):
+            z = net(to_device(views.flatten(0, 1), device)).float().view(views.shape[0], 2, -1)
+        first.append(F.normalize(z[:, 0], dim=1))
+        second.append(F.normalize(z[:, 1], dim=1))
     first, second = torch.cat(first), torch.cat(second)
     same = (first * second).sum(1).mean().item()
     other = (first * second.roll(1, dims=0)).sum(1).mean().item()  # instance i against i - 1

@@ -81,10 +81,15 @@ parser.add_argument("--hard-k", type=extract_init.POSITIVE, default=100, help="h
 parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
                     help="classifier rows per logits block (bounds memory; default: all local rows)")
 parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=10, help="steps between progress lines")
-parser.add_argument("--data-path", default="auto", choices=["auto", "pil", "device"],
+parser.add_argument("--data-path", default="pil", choices=["pil", "device"],
                     help="pil: decode and augment in loader workers (01's train_transform); device: workers only "
                          "read the files, decoding (JPEG on the GPU) and the same augmentation run batched on the "
-                         "device; auto: device on CUDA, pil on CPU")
+                         "device (not yet run on a GPU, so not the default)")
+parser.add_argument("--jitter", default="simclr", choices=["simclr", "mocov2"],
+                    help="colour jitter of the views: SimCLR's strength 1 (the paper cites SimCLR), or MoCo v2's half")
+parser.add_argument("--sample-classes", type=extract_init.POSITIVE, default=None, metavar="M",
+                    help="Table 3: each step's softmax over about M classes (the batch's targets plus classes "
+                         "drawn uniformly from the rest) instead of all N")
 parser.add_argument("--cache-images", action="store_true",
                     help="device path: decode every training image once and keep it (uint8) in device memory")
 parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metavar="E",
@@ -93,8 +98,9 @@ parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metava
 
 # A resumed run must continue the same optimisation; --epochs may grow, these may not change.
 RESUME_SETTINGS = ("arch", "image_size", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
-                   "temperature", "alpha", "hard_k", "seed")
+                   "temperature", "alpha", "hard_k", "seed", "jitter", "sample_classes")
 KNN_SAMPLE = 10000  # at most this many training images (the bank) and val images (scored) in the kNN curve
+EMBED_BATCH = 256  # images per process and batch when embedding for an evaluation (the same in every stage)
 
 
 def main(argv=None):
@@ -155,6 +161,7 @@ def main(argv=None):
             record = train_one_epoch(model, classifier, optimizers, batches(epoch), steps, table, mining, args,
                                      epoch, base_lr, global_step, device)
             global_step, train_seconds = record["global_step"], train_seconds + record["epoch_s"]
+            dsm.broadcast_buffers(net)  # one set of BN statistics for the kNN curve, the files and the next epoch
             if knn.due(epoch):
                 record["knn_top1"] = knn.measure(net.backbone, epoch)
             save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step)
@@ -169,7 +176,7 @@ def main(argv=None):
         knn.summary(train_seconds)
         if dsm.is_main():
             backbone_path = os.path.join(args.out, "backbone.pt")
-            dsm.atomic_save({key: value.detach().cpu() for key, value in net.backbone.state_dict().items()},
+            extract_init.atomic_save({key: value.detach().cpu() for key, value in net.backbone.state_dict().items()},
                             backbone_path)
             log(f"wrote {backbone_path} ({args.arch}, {args.image_size} px)")
 
@@ -182,7 +189,7 @@ def load_init(args, fingerprint):
     if not os.path.isfile(init_path):
         fail(f"{init_path} not found; run 01_extract_init.py --data {args.data} --out {args.out} first")
     rerun = f"rerun 01_extract_init.py --data {args.data} --out {args.out} --overwrite"
-    init = dsm.load_run_file(init_path, ("network", "classifier", "args", "fingerprint"), rerun)
+    init = extract_init.load_run_file(init_path, ("network", "classifier", "args", "fingerprint"), rerun)
     if init["fingerprint"] != fingerprint:
         fail(f"{init_path} was made from other training images than {args.data}/train lists; {rerun}")
     made = init["args"]
@@ -203,22 +210,22 @@ def training_batches(paths, args, local_batch, device):
     if len(paths) // world < local_batch:
         fail(f"--batch-size {args.batch_size} exceeds the {len(paths)} training images "
              f"({len(paths) // world} per process); use a smaller --batch-size")
-    on_device = args.data_path == "device" or (args.data_path == "auto" and device.type == "cuda")
+    on_device = args.data_path == "device"
     if args.cache_images and not on_device:
         fail("--cache-images keeps decoded images for the device data path; add --data-path device")
     if on_device:
         source = DeviceViews(paths, args, device)
     else:
-        source = extract_init.ImageList(paths, extract_init.TwoViews(extract_init.train_transform(args.image_size)))
+        source = extract_init.ImageList(paths, extract_init.TwoViews(extract_init.train_transform(args.image_size,
+                                                                                                  args.jitter)))
     sampler = torch.utils.data.DistributedSampler(source, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     if on_device:
         return (lambda epoch: source.batches(sampler, local_batch, epoch)), sampler, len(sampler) // local_batch
-    loader = torch.utils.data.DataLoader(source, batch_size=local_batch, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = extract_init.data_loader(source, args, device, batch_size=local_batch, sampler=sampler, drop_last=True)
 
     def batches(epoch):
-        for (views, ids), wait in timed_batches(loader):
+        for (views, ids), wait in extract_init.timed_batches(loader):
             yield (extract_init.to_device(views.flatten(0, 1), device), ids.to(device, non_blocking=True)), wait
     return batches, sampler, len(loader)
 
@@ -237,19 +244,15 @@ def resume(args, settings, net, classifier, optimizers, log):
     """Continue from RUN/checkpoint.pt when it exists (resume_from: written with the same settings);
     returns (first epoch to train, global step)."""
     ckpt = resume_from(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0])
+    done = 0 if ckpt is None else ckpt["epoch"] + 1
+    trim_log(os.path.join(args.out, "pretrain_log.jsonl"), done)  # drop what an unfinished epoch logged
     if ckpt is None:
         return 0, 0
     dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
-    done = ckpt["epoch"] + 1
     log(f"resumed: {done} epoch(s) done, step {ckpt['step']}")
     if ckpt["args"]["epochs"] != args.epochs:
         log(f"note: --epochs {args.epochs} where the run had {ckpt['args']['epochs']}: the cosine schedule is "
             "stretched to the new length from here on")
-    log_path = os.path.join(args.out, "pretrain_log.jsonl")
-    if dsm.is_main() and os.path.isfile(log_path):  # drop the lines of the epoch that was cut short
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line).get("epoch", 0) < done]
-        dsm.atomic_save("".join(kept).encode(), log_path, dump=lambda data, f: f.write(data))
     return done, ckpt["step"]
 
 
@@ -282,7 +285,8 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, mining
             hard = mining.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)  # from their owners
         visited = classifier.local_rows(dsm.all_gather_rows(ids))  # this batch's rows that live here
         before = classifier.weight.detach()[visited]
-        loss = train_step(model, classifier, optimizers, images, labels, hard, args.alpha, device)
+        sample = None if args.sample_classes is None else (args.sample_classes, step_seed(args.seed, global_step, 0))
+        loss = train_step(model, classifier, optimizers, images, labels, hard, args.alpha, sample, device)
         if not math.isfinite(loss):
             ckpt_path = os.path.join(args.out, "checkpoint.pt")
             kept = f"{ckpt_path} holds the last good epoch" if os.path.isfile(ckpt_path) else "no checkpoint was written yet"
@@ -312,14 +316,14 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, mining
             "row_turn_deg": (turn[0] / turn[1].clamp_min(1)).item()}
 
 
-def train_step(model, classifier, optimizers, images, labels, hard_classes, alpha, device):
+def train_step(model, classifier, optimizers, images, labels, hard_classes, alpha, sample, device):
     """One step of the paper's Figure 2. Returns the loss; a non-finite one changes nothing (the
     caller stops, and the last checkpoint stays the run's state)."""
     with extract_init.autocast(device):  # bf16 products on CUDA; the softmax stays fp32 (dist_softmax)
         features = model(images)  # step 1: this rank's views through backbone + head (DDP)
         # Steps 2-7 inside dist_softmax.DistCosineSoftmax: gather the global batch, cosine logits
         # against the local rows, one all_reduce for Eq. 1 / Eq. 3, the loss on every rank.
-        loss = classifier(features, labels, hard_classes, alpha)
+        loss = classifier(features, labels, hard_classes, alpha, sample)
     value = loss.item()  # the same on every rank: the classifier all-reduces it
     if not math.isfinite(value):
         return value
@@ -328,9 +332,24 @@ def train_step(model, classifier, optimizers, images, labels, hard_classes, alph
     # Backward: the classifier hands each rank's features W x dL/dx, so DDP's average of the
     # backbone gradients over W ranks is the exact gradient of the global loss.
     loss.backward()
-    for opt in optimizers:  # step 8: SGD on network (DDP synchronised) and on this rank's rows
-        opt.step()
+    optimizers[0].step()  # step 8: SGD on the network (DDP synchronised) and on this rank's rows
+    if classifier.weight.grad.is_sparse:
+        step_sampled_rows(optimizers[1], classifier.weight)
+    else:
+        optimizers[1].step()
     return value
+
+
+@torch.no_grad()
+def step_sampled_rows(optimizer, weight):
+    """Table 3: SGD on the rows this step drew, and only on them: a row not drawn gets no gradient,
+    no weight decay, and its momentum waits for its next draw (Partial FC keeps per-class momentum
+    and updates only the sampled centres). For the drawn rows this is torch's SGD step."""
+    group, grad = optimizer.param_groups[0], weight.grad.coalesce()
+    rows, g = grad.indices()[0], grad.values() + group["weight_decay"] * weight[grad.indices()[0]]
+    momentum = optimizer.state[weight].setdefault("momentum_buffer", torch.zeros_like(weight))
+    momentum[rows] = momentum[rows].mul_(group["momentum"]).add_(g)
+    weight[rows] -= group["lr"] * momentum[rows]
 
 
 def row_turn_degrees(before, after):
@@ -358,7 +377,7 @@ class DeviceViews(torch.utils.data.Dataset):
 
     def __init__(self, paths, args, device):
         self.paths, self.args, self.device = paths, args, device
-        self.augment = SimCLRViews(args.image_size)
+        self.augment = SimCLRViews(args.image_size, args.jitter)
         self.cache = None
         if args.cache_images:
             loader = self.loader([list(range(i, min(i + 256, len(paths)))) for i in range(0, len(paths), 256)])
@@ -368,11 +387,13 @@ class DeviceViews(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return torchvision.io.read_file(self.paths[index]), index
+        try:  # read_file's tensor is marked shared and cannot be sent from a worker again: send a copy
+            return torchvision.io.read_file(self.paths[index]).clone(), index
+        except RuntimeError as e:  # missing, a broken link, unreadable
+            raise dsm.InputError(extract_init.bad_image(self.paths[index], e)) from None
 
     def loader(self, batches):
-        return torch.utils.data.DataLoader(self, batch_sampler=batches, num_workers=self.args.workers,
-                                           collate_fn=collate_lists)
+        return extract_init.data_loader(self, self.args, self.device, batch_sampler=batches, collate_fn=collate_lists)
 
     def decode(self, encoded, ids):
         """uint8 [3, H, W] images on the device; what torchvision cannot decode to 8-bit RGB goes
@@ -390,8 +411,7 @@ class DeviceViews(torch.utils.data.Dataset):
             except RuntimeError:
                 image = None
             if image is None or image.dtype != torch.uint8:
-                with extract_init.bad_images_fail():
-                    image = torch.from_numpy(np.asarray(extract_init.load_rgb(self.paths[i])).copy()).permute(2, 0, 1)
+                image = torch.from_numpy(np.asarray(extract_init.load_rgb(self.paths[i])).copy()).permute(2, 0, 1)
             images.append(image.to(self.device, non_blocking=True))
         return images
 
@@ -422,8 +442,8 @@ class SimCLRViews:
     The pixels differ slightly from the PIL path's: the resize filter (roi_align's box average for
     batches of one image size, antialiased bilinear otherwise) and float instead of uint8 steps."""
 
-    def __init__(self, size):
-        self.size, self.kernel = size, extract_init.blur_kernel(size)
+    def __init__(self, size, jitter="simclr"):
+        self.size, self.kernel, self.jitter = size, extract_init.blur_kernel(size), extract_init.JITTER[jitter]
         self.mean = torch.tensor(extract_init.IMAGENET_MEAN)[:, None, None]
         self.std = torch.tensor(extract_init.IMAGENET_STD)[:, None, None]
 
@@ -464,7 +484,7 @@ class SimCLRViews:
         h, w = torch.where(found, h, h_centre), torch.where(found, w, w_centre)
         i = torch.where(found, i, ((heights - h) / 2).floor())
         j = torch.where(found, j, ((widths - w) / 2).floor())
-        (b, c, s, hue), (sigma0, sigma1) = extract_init.JITTER, extract_init.BLUR_SIGMA
+        (b, c, s, hue), (sigma0, sigma1) = self.jitter, extract_init.BLUR_SIGMA
         factor = torch.stack([1 - b + 2 * b * uniform(n), 1 - c + 2 * c * uniform(n), 1 - s + 2 * s * uniform(n),
                               -hue + 2 * hue * uniform(n)], 1).float()
         return {"box": torch.stack([i, j, h, w], 1).long(), "flip": uniform(n) < 0.5,
@@ -557,8 +577,7 @@ class KnnCurve:
 
     def measure(self, backbone, epoch):
         t0 = time.perf_counter()
-        batch = self.args.batch_size // dsm.get_world_size()
-        bank_x, bank_y, val_x, val_y = embed_for_knn(backbone, self.bank, self.val, self.args, batch, self.device)
+        bank_x, bank_y, val_x, val_y = embed_for_knn(backbone, self.bank, self.val, self.args, self.device)
         top1 = knn_accuracy(bank_x, bank_y, val_x, val_y, self.num_classes, [20])[20][0]
         self.seconds += time.perf_counter() - t0
         self.log(f"epoch {epoch}: kNN top-1 (k=20) {top1:.2f} on {len(val_y)} val images")
@@ -620,35 +639,33 @@ def fixed_sample(count, limit, seed):
 
 
 @torch.no_grad()
-def embed_features(backbone, paths, image_size, batch_size, workers, device):
+def embed_features(backbone, paths, args, device):
     """Pooled backbone features [len(paths), width] (float32, on `device`) of the centre crops,
     BN in eval mode, in the order of `paths`."""
     was_training = backbone.training
     backbone.eval()
-    loader = torch.utils.data.DataLoader(extract_init.ImageList(paths, extract_init.eval_transform(image_size)),
-                                         batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = extract_init.data_loader(extract_init.ImageList(paths, extract_init.eval_transform(args.image_size)), args,
+                                      device, batch_size=EMBED_BATCH)
     features = []
-    with extract_init.bad_images_fail():
-        for images, _ in loader:
-            with extract_init.autocast(device):
-                features.append(backbone(extract_init.to_device(images, device)).float())
+    for images, _ in loader:
+        with extract_init.autocast(device):
+            features.append(backbone(extract_init.to_device(images, device)).float())
     backbone.train(was_training)
     return torch.cat(features) if features else torch.empty(0, backbone.inplanes, device=device)
 
 
-def embed_shard(backbone, paths, labels, args, batch_size, device):
+def embed_shard(backbone, paths, labels, args, device):
     """This rank's contiguous shard (dist_softmax.shard_range) of L2-normalised features and labels."""
     start, end = dsm.shard_range(len(paths), dsm.get_rank(), dsm.get_world_size())
-    x = embed_features(backbone, paths[start:end], args.image_size, max(1, batch_size), args.workers, device)
+    x = embed_features(backbone, paths[start:end], args, device)
     return F.normalize(x, dim=1), torch.tensor(labels[start:end], device=device)
 
 
-def embed_for_knn(backbone, bank, queries, args, batch_size, device):
+def embed_for_knn(backbone, bank, queries, args, device):
     """The inputs of knn_accuracy from (paths, labels) pairs: this rank's shard of the bank, and all
     the queries on every rank."""
-    bank_x, bank_y = embed_shard(backbone, *bank, args, batch_size, device)
-    query_x, query_y = embed_shard(backbone, *queries, args, batch_size, device)
+    bank_x, bank_y = embed_shard(backbone, *bank, args, device)
+    query_x, query_y = embed_shard(backbone, *queries, args, device)
     count = len(queries[0])
     return bank_x, bank_y, dsm.all_gather_shards(query_x, count), dsm.all_gather_shards(query_y, count)
 
@@ -706,7 +723,7 @@ def resume_from(path, settings, network=None, optimizer=None):
     checkpoint's network and optimizer states are loaded into `network` and `optimizer` if given."""
     if not os.path.isfile(path):
         return None
-    ckpt = dsm.load_run_file(path, ("settings",), "delete it to start over")
+    ckpt = extract_init.load_run_file(path, ("settings",), "delete it to start over")
     saved = ckpt["settings"]
     if saved.get("stage") != settings["stage"]:
         fail(f"{path} was written by {saved.get('stage')}, not {settings['stage']}; pass another --out or delete it")
@@ -729,21 +746,8 @@ def save_for_resume(path, settings, network, optimizer, **progress):
     """What resume_from reads, written atomically by rank 0: the settings, the network and optimizer
     states and the stage's progress (epoch, history, ...)."""
     if dsm.is_main():
-        dsm.atomic_save({"settings": settings, "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        extract_init.atomic_save({"settings": settings, "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
                          "optimizer": optimizer.state_dict(), "world_size": dsm.get_world_size(), **progress}, path)
-
-
-def timed_batches(loader):
-    """One epoch of (batch, seconds spent waiting for it), for the data-wait share of the progress
-    lines; a bad image, also in a loader worker, stops with 01's one-line error."""
-    batches = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        with extract_init.bad_images_fail():
-            batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch, time.perf_counter() - t0
 
 
 def step_seed(seed, position, rank):
@@ -786,6 +790,15 @@ class Meter:
 def write_log(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path, epochs_done):
+    """Keep the lines of a JSON-lines log that belong to finished epochs (rank 0): a resumed or
+    restarted run then logs every step and epoch once."""
+    if dsm.is_main() and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line).get("epoch", 0) < epochs_done]
+        extract_init.atomic_save("".join(kept).encode(), path, dump=lambda data, f: f.write(data))
 
 
 def format_seconds(seconds):

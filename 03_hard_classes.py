@@ -67,7 +67,7 @@ def main(argv=None):
         if not found:
             fail(f"no checkpoint.pt or init.pt in {args.out}; run 01_extract_init.py --out {args.out} first")
         source = found[0]
-        ckpt = dsm.load_run_file(source, ("classifier",), "rerun the stage that wrote it "
+        ckpt = extract_init.load_run_file(source, ("classifier",), "rerun the stage that wrote it "
                                           "(01_extract_init.py for init.pt, 02_pretrain.py for checkpoint.pt)")
         state, epoch = ckpt["classifier"], ckpt.get("epoch")
         # The data fingerprint (sha256 of the training list) the rows were made from: init.pt's, or the checkpoint's.
@@ -110,7 +110,7 @@ def main(argv=None):
         similarity = dsm.gather_shards(similarity, num_classes)
         if dsm.is_main():
             path = os.path.join(args.out, "hard_classes.pt")
-            dsm.atomic_save({"hard_classes": table, "similarity": similarity, "k": args.hard_k,
+            extract_init.atomic_save({"hard_classes": table, "similarity": similarity, "k": args.hard_k,
                              "num_classes": num_classes, "source": os.path.basename(source), "epoch": epoch}, path)
             log(f"wrote {path}: [{num_classes}, {args.hard_k}] hard class ids and their cosine similarities")
 

@@ -155,7 +155,7 @@ def network_defaults(args, log):
     """--arch / --image-size not given: those RUN/init.pt records (01 built the network, 02 kept it),
     so `--out RUN --data ROOT` evaluates what that run trained; without init.pt resnet50 at 224 px."""
     init = os.path.join(args.out, "init.pt")
-    made = dsm.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
+    made = extract_init.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
     args.arch = args.arch or made.get("arch", "resnet50")
     args.image_size = args.image_size or made.get("image_size", 224)
     log(f"network: {args.arch} at {args.image_size} px ({'as in ' + init if made else 'defaults'}; "
@@ -175,7 +175,7 @@ def load_pretrained_backbone(source, arch, image_size, seed=0):
         return backbone, width, f"random init (seed {seed})"
     if not os.path.isfile(source):
         fail(f"--pretrained {source} not found; pass RUN/backbone.pt, a 02 checkpoint.pt, or random")
-    obj = dsm.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors")
+    obj = extract_init.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors")
     if not isinstance(obj, dict):
         fail(f"--pretrained {source} holds a {type(obj).__name__}, not a state_dict")
     if isinstance(obj.get("network"), dict):  # 01 init.pt / 02 checkpoint.pt
@@ -211,10 +211,9 @@ def estimate_bn_statistics(backbone, paths, args, device, log):
     SAMPLE training images drawn with --seed. Without this its BN would normalise with the
     untouched 0 / 1, and the comparison with a trained backbone would not be fair."""
     sample = pretrain.fixed_sample(len(paths), SAMPLE, args.seed)
-    extract_init.track_bn_averages(backbone)
-    backbone.train()
+    extract_init.set_bn_mode(backbone, "running")
     for _ in extract_init.prior_pass(backbone, [paths[i] for i in sample], extract_init.eval_transform(args.image_size),
-                                     BN_BATCH, args.workers, device, args.seed):
+                                     BN_BATCH, args, device):
         pass
     extract_init.merge_bn_averages(backbone)
     backbone.eval()
@@ -350,18 +349,16 @@ def image_training(args, probe, optimizer, train, val, local_batch, device, log)
     model = dsm.data_parallel(probe, device)
     train.transform = probe_train_transform(args.image_size)
     sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=local_batch, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = extract_init.data_loader(train, args, device, batch_size=local_batch, sampler=sampler)
     if args.standardize:
-        standardize(probe, pretrain.embed_features(probe.backbone, sample_shard(train.paths, args.seed),
-                                                   args.image_size, local_batch, args.workers, device), log)
+        standardize(probe, pretrain.embed_features(probe.backbone, sample_shard(train.paths, args.seed), args, device), log)
 
     def train_epoch(epoch):
         pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # resumable crops
         sampler.set_epoch(epoch)
         return image_epoch(model, optimizer, loader, args, epoch, device, log)
 
-    return train_epoch, lambda: evaluate(probe, val, local_batch, args.workers, device)
+    return train_epoch, lambda: evaluate(probe, val, local_batch, args, device)
 
 
 def cached_probe(args, probe, optimizer, train, val, local_batch, device, log):
@@ -371,7 +368,7 @@ def cached_probe(args, probe, optimizer, train, val, local_batch, device, log):
     t0 = time.perf_counter()
     start, end = dsm.shard_range(len(train), rank, world)
     v0, v1 = dsm.shard_range(len(val), rank, world)
-    train_x, val_x = (pretrain.embed_features(probe.backbone, paths, args.image_size, local_batch, args.workers, device)
+    train_x, val_x = (pretrain.embed_features(probe.backbone, paths, args, device)
                       for paths in (train.paths[start:end], val.paths[v0:v1]))
     train_y = torch.tensor(train.labels[start:end], device=device)
     val_y = torch.tensor(val.labels[v0:v1], device=device)
@@ -403,7 +400,7 @@ def image_epoch(model, optimizer, loader, args, epoch, device, log):
     model.train()
     steps = len(loader)
     meter, total, lr = pretrain.Meter(), 0.0, 0.0
-    for i, ((images, targets), wait) in enumerate(pretrain.timed_batches(loader)):
+    for i, ((images, targets), wait) in enumerate(extract_init.timed_batches(loader)):
         meter.wait += wait
         lr = set_lr(optimizer, epoch + (i + 0.5) / steps, args.epochs)
         with extract_init.autocast(device):
@@ -424,6 +421,7 @@ def image_epoch(model, optimizer, loader, args, epoch, device, log):
                 f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
                 f"mem {record['peak_mem_gib']:.2f}G", flush=True)
             meter = pretrain.Meter()
+    dsm.broadcast_buffers(model)  # one set of BN statistics for the evaluation and the checkpoint
     return total / max(steps, 1), lr
 
 
@@ -480,20 +478,19 @@ def set_lr(optimizer, progress, epochs):
 # ---------------------------------------------------------------- evaluation (also 05's)
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size, workers, device):
+def evaluate(model, dataset, batch_size, args, device):
     """(top-1 %, top-5 %, images counted) of a classifier over a whole (image, label) dataset. Each
     process scores a contiguous shard (sizes differ by <= 1) and the hit counts are summed over the
     processes: every image is counted exactly once, on any process count."""
     model.eval()
     start, end = dsm.shard_range(len(dataset), dsm.get_rank(), dsm.get_world_size())
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)),
-                                         batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = extract_init.data_loader(torch.utils.data.Subset(dataset, range(start, end)), args, device,
+                                      batch_size=batch_size)
     hits = torch.zeros(3, dtype=torch.float64, device=device)
-    with extract_init.bad_images_fail():
-        for images, labels in loader:
-            with extract_init.autocast(device):
-                logits = model(extract_init.to_device(images, device))
-            hits += local_hits(logits.float(), labels.to(device))
+    for images, labels in loader:
+        with extract_init.autocast(device):
+            logits = model(extract_init.to_device(images, device))
+        hits += local_hits(logits.float(), labels.to(device))
     return sum_hits(hits)
 
 
@@ -551,7 +548,7 @@ def knn_protocol(args, backbone, train, val, num_classes, local_batch, device, l
     """Embed train (sharded over the ranks) and val (gathered to every rank), vote, score."""
     t0 = time.perf_counter()
     train_x, train_y, val_x, val_y = pretrain.embed_for_knn(backbone, (train.paths, train.labels),
-                                                            (val.paths, val.labels), args, local_batch, device)
+                                                            (val.paths, val.labels), args, device)
     log(f"embedded {len(train)} train + {len(val)} val images in {time.perf_counter() - t0:.1f} s")
     ks = list(dict.fromkeys(min(k, len(train)) for k in args.knn_k))
     if ks != args.knn_k:

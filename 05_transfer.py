@@ -142,8 +142,7 @@ def classify(args, device):
     local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = extract_init.data_loader(train_set, args, device, batch_size=local_batch, sampler=sampler, drop_last=True)
     if len(loader) == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images; use a smaller one")
 
@@ -174,7 +173,7 @@ def classify(args, device):
         pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # a resumed epoch = an uninterrupted one
         sampler.set_epoch(epoch)
         loss, lr_now = linear_eval.image_epoch(model, optimizer, loader, args, epoch, device, log)
-        top1, top5, count = linear_eval.evaluate(probe, test_set, local_batch, args.workers, device)
+        top1, top5, count = linear_eval.evaluate(probe, test_set, local_batch, args, device)
         history.append({"epoch": epoch, "loss": loss, "lr": lr_now, "top1": top1, "top5": top5,
                         "epoch_s": round(time.perf_counter() - t0, 3)})
         log(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
@@ -330,6 +329,7 @@ def detect(args, device):
     it = train_detector(model, net, optimizer, train_set, args, settings, base_lr, local_batch, it, ckpt_path,
                         device, log)
     t0 = time.perf_counter()
+    dsm.broadcast_buffers(net)
     detections = detect_shard(net, test_set, test_count, device)
     if dist.is_initialized():
         shards = [None] * world
@@ -369,10 +369,10 @@ def train_detector(model, net, optimizer, train_set, args, settings, base_lr, lo
         sampler.set_epoch(epoch)
         order = list(sampler)
         batches = [order[i:i + local_batch] for i in range(skip * local_batch, steps_per_epoch * local_batch, local_batch)]
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=args.workers,
-                                             collate_fn=pretrain.collate_lists, pin_memory=device.type == "cuda")
+        loader = extract_init.data_loader(train_set, args, device, batch_sampler=batches,
+                                          collate_fn=pretrain.collate_lists)
         model.train()
-        for (images, targets), wait in pretrain.timed_batches(loader):
+        for (images, targets), wait in extract_init.timed_batches(loader):
             meter.wait += wait
             lr = detection_lr(base_lr, it, args.warmup_iters, args.lr_steps)
             for group in optimizer.param_groups:
@@ -583,9 +583,9 @@ def export(args, device):
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "backbone" + ("_random" if args.init == "random" else ""))
     tv_path, d2_path = stem + "_torchvision.pth", stem + "_detectron2.pkl"
-    dsm.atomic_save(state, tv_path)
+    extract_init.atomic_save(state, tv_path)
     d2 = detectron2_names(state)
-    dsm.atomic_save({"model": d2, "__author__": "05_transfer.py (instance classification pretraining)",
+    extract_init.atomic_save({"model": d2, "__author__": "05_transfer.py (instance classification pretraining)",
                      "matching_heuristics": True}, d2_path, dump=lambda obj, f: pickle.dump(obj, f, protocol=4))
     small = state["conv1.weight"].shape[-1] == 3
     print(f"wrote {tv_path} ({len(state)} tensors, torchvision names) and {d2_path} ({len(d2)} arrays, detectron2 names)")

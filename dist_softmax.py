@@ -1,12 +1,11 @@
 """The model-parallel cosine softmax over N instance classes (the paper's hybrid parallelism).
 
 Every training image is its own class, so the classifier has one row per image: 1.28M rows for
-ImageNet-1K, 14.2M for ImageNet-21K. Backbone and head are data-parallel (DDP); the classifier
-rows are split evenly over the W processes (model-parallel), and the softmax over all N classes
-is computed in pieces that collectives stitch together. Per process and training step (the
-paper's Figure 2, steps 1-8):
+ImageNet-1K, 14.2M for ImageNet-21K. Backbone and head are data-parallel (DDP); the rows are split
+evenly over the W processes (model-parallel) and the softmax over all N classes is computed in
+pieces that collectives stitch together. Per process and training step (the paper's Figure 2):
 
-  1. the backbone embeds this rank's b images                      (the caller)
+  1. the backbone embeds this rank's b images                      (the caller, 02)
   2. all_gather the embeddings, labels and hard-class ids -> B = W*b rows
   3. cosine logits of all B rows against the local rows          s = cos(v, w) / tau
   4. exp, then ONE all_reduce of [sum_j exp(s_ij), sum_j y_ij s_ij]  (both sums over classes)
@@ -14,17 +13,12 @@ paper's Figure 2, steps 1-8):
   6. backward: the kept exp buffer times the local rows and the gathered embeddings, with
      1/sum_j and the targets y folded into the small operands: dL/ds = (p - y) / B
   7. reduce_scatter the embedding gradients back to their owners
-  8. one optimiser step for backbone, head and the local rows      (the caller)
+  8. one optimiser step for backbone, head and the local rows      (the caller, 02)
 
 No max all-reduce is needed: |cos| <= 1 bounds |s_ij| by 1/tau <= 40, where exp can neither
-overflow nor underflow in fp32 (this is what lets one collective finish the softmax).
-The same code runs on gloo (CPU) and NCCL (GPU); without a process group it is the plain
-single-process cosine softmax, so `python script.py` works unchanged.
-
-Also here, after the softmax: the row collectives the stages share, saving the classifier rows
-(with their SGD momentum) in a form that loads onto any number of processes, and stage(): how
-every stage joins the torchrun process group, holds its run folder, writes files atomically and
-stops with one line on every rank.
+overflow nor underflow in fp32. The same code runs on gloo (CPU) and NCCL (GPU); without a
+process group it is the plain single-process cosine softmax. Below the softmax: the collectives on
+rows that the stages share, then (one banner) what every stage needs from the process group.
 """
 import contextlib
 import fcntl
@@ -34,24 +28,20 @@ import os
 import signal
 import socket
 import sys
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# Recent torch deprecates the *_into_tensor / *_tensor names in favour of *_single.
+LOG2E = 1.4426950408889634  # exp(u) = 2^(u log2 e)
+ROW_BLOCK = 32768  # rows per block of the elementwise passes over the weights (bounds temporaries)
+# Recent torch names these *_single; torch 2.4 knows them as *_into_tensor / *_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # ---------------------------------------------------------------- the classifier (steps 2-7)
-
-LOG2E = 1.4426950408889634  # exp(u) = 2^(u log2 e)
-ROW_BLOCK = 32768  # rows per block of the elementwise passes over the weights (bounds temporaries)
-
 
 def shard_range(num_classes, rank, world_size):
     """Rows [start, end) of the classifier owned by `rank`: contiguous, sizes differ by at most one."""
@@ -63,23 +53,21 @@ def shard_range(num_classes, rank, world_size):
 class DistCosineSoftmax(nn.Module):
     """Cosine softmax over `num_classes` classes whose weight rows are sharded over the processes.
 
-    forward(features [b, dim], labels [b], hard_classes [b, k] or None, alpha) returns Eq. 3
-    (Eq. 1 when alpha is 0 or there are no hard classes), averaged over the global batch W*b and
-    the same on every rank; b, k and alpha must be the same on every rank, and the k hard classes
-    of a label other ids than it. Keep this module outside DDP: the gradient it hands the features
-    is W x dL/dx (the sum over the W ranks' identical copies of the loss), which DDP's average over
-    W turns into exactly dL/dtheta of the global loss (so a gradient check of this module alone on
-    W > 1 ranks sees W times dL/dx). The local rows get exactly dL/dw.
+    forward(features [b, dim], labels [b], hard_classes [b, k] or None, alpha, sample) returns Eq. 3
+    (Eq. 1 when alpha is 0 or there are no hard classes), averaged over the global batch W*b, the
+    same on every rank; b, k, alpha and sample must agree on every rank. Keep this module outside
+    DDP: the features get W x dL/dx, which DDP's average over W turns into exactly dL/dtheta of the
+    global loss; the local rows get exactly dL/dw. chunk_size bounds the logits buffer at
+    (W*b) x chunk_size, recomputing each chunk in backward.
 
-    chunk_size bounds the logits buffer at (W*b) x chunk_size by walking the local rows in chunks
-    and recomputing each chunk's logits in backward; the result equals the unchunked one up to the
-    order of the sums.
+    sample=(M, seed) is Table 3's sampled softmax: the sum over classes runs over about M of them,
+    every class a target touches (labels and hard classes) plus classes drawn uniformly from the
+    rest (sampled_rows). The rows then get a sparse gradient: only drawn rows have one.
     """
 
     def __init__(self, num_classes, dim, temperature=0.15, chunk_size=None):
         super().__init__()
-        if temperature < 0.025:
-            # exp(+-1/tau) must stay well inside fp32 (about e^+-87, with room for sums of N terms).
+        if temperature < 0.025:  # exp(+-1/tau) must stay well inside fp32, with room for sums of N terms
             raise ValueError(f"temperature {temperature} is below 0.025, where the softmax without a "
                              "max all-reduce can overflow fp32; use a temperature >= 0.025")
         self.num_classes, self.dim = num_classes, dim
@@ -88,15 +76,28 @@ class DistCosineSoftmax(nn.Module):
         if num_classes < self.world_size:
             raise ValueError(f"{num_classes} classes cannot be sharded over {self.world_size} processes")
         self.start, self.end = shard_range(num_classes, self.rank, self.world_size)
-        # Placeholder rows until load_classifier() fills in those of 01 (its prior, or Figure 4's
-        # Gaussian arm); drawn per shard so that no two shards start equal.
+        # Placeholder rows until load_classifier() fills in 01's; drawn per shard so no two start equal.
         generator = torch.Generator().manual_seed(self.start)
         self.weight = nn.Parameter(torch.randn(self.end - self.start, dim, generator=generator) * 0.01)
 
-    def forward(self, features, labels, hard_classes=None, alpha=0.0):
+    def forward(self, features, labels, hard_classes=None, alpha=0.0, sample=None):
         if hard_classes is None or alpha == 0:
             hard_classes = labels.new_empty(labels.shape[0], 0)
-        return _CosineSoftmax.apply(features, self.weight, labels, hard_classes, float(alpha), self)
+        # Step 2 for the ids: column 0 the label, columns 1..k the hard classes, gathered together.
+        ids = all_gather_rows(torch.cat([labels[:, None], hard_classes], 1))
+        rows = None if sample is None else self.sampled_rows(ids, *sample)
+        return _CosineSoftmax.apply(features, self.weight, ids, float(alpha), rows, self)
+
+    def sampled_rows(self, ids, num_sampled, seed):
+        """Table 3: the local rows (sorted positions) in this step's softmax. Every class a target
+        touches is in; each other class independently with probability (M - T) / (N - T), T the
+        target classes, so about M classes take part. Each class's draw comes from blocks seeded by
+        (seed, block): the same classes on any process count, each rank drawing from its own shard."""
+        targets = ids.unique()
+        rate = max(num_sampled - len(targets), 0) / max(self.num_classes - len(targets), 1)
+        drawn = seeded_rows(self.start, self.end, seed, lambda g, n: torch.rand(n, generator=g)) < rate
+        drawn[self.local_rows(targets).cpu()] = True
+        return drawn.nonzero()[:, 0].to(self.weight.device)
 
     def local_rows(self, ids):
         """Positions in this rank's shard of those of `ids` it owns (the others are dropped)."""
@@ -117,50 +118,39 @@ class _CosineSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features, weight, labels, hard_classes, alpha, module):
-        tau, world_size = module.temperature, module.world_size
-        device_type = features.device.type
-        # Matrix products follow autocast (bf16 on GPU: the logits then carry a relative error of
-        # about 2^-9); exp, sums and the loss are fp32 (float64 for float64 inputs, which the
-        # exactness tests use). fp16 would underflow the backward's row scale c / (tau S_i).
+    def forward(ctx, features, weight, ids, alpha, rows, module):
+        tau, device_type = module.temperature, features.device.type
+        # Matrix products follow autocast (bf16 on GPU: logits carry a relative error of about 2^-9);
+        # exp, sums and the loss are fp32 (float64 for float64 inputs, which the exactness tests use).
+        # fp16 would underflow the backward's row scale c / (tau S_i).
         dtype = torch.promote_types(features.dtype, torch.float32)
         mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
         if mm_dtype == torch.float16:
             raise ValueError("DistCosineSoftmax under fp16 autocast: its products need bf16's range; "
                              "use torch.autocast(..., dtype=torch.bfloat16)")
         with torch.autocast(device_type, enabled=False):
-            # Step 2: gather the global batch B = W*b. Id column 0 is the label, columns 1..k the
-            # hard classes, gathered together.
             x = features.to(dtype)
-            ids = all_gather_rows(torch.cat([labels[:, None], hard_classes], 1))
-            x_norm = F.normalize(all_gather_rows(x), dim=1)
+            x_norm = F.normalize(all_gather_rows(x), dim=1)  # step 2: the global batch B = W*b
             target_weight = _target_weights(ids.shape, alpha, x)
-            local_ids = ids - module.start  # rows of the local shard; other shards' ids fall outside
-
-            w = weight.to(dtype)
+            w = (weight if rows is None else weight[rows]).to(dtype)
+            local_ids = _columns(ids - module.start, rows)  # other shards' ids fall outside [0, len(w))
             inv_w_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
             x_log2 = (x_norm * (LOG2E / tau)).to(mm_dtype)
             sums = x.new_zeros(2, len(x_norm))  # per row: sum_j exp(s_ij), log2(e) sum_j y_ij s_ij
             kept = []
             for c0, c1 in _chunks(len(w), module.chunk_size):
-                # Step 3: t = log2(e) cos / tau for this chunk of local rows.
                 w_norm = _normalised_rows(w, inv_w_norm, c0, c1, mm_dtype)
-                t = (x_log2 @ w_norm.t()).to(dtype)
-                # The target term of Eq. 3, read off before t turns into exp.
-                in_chunk, cols = _chunk_columns(local_ids, c0, c1)
+                t = (x_log2 @ w_norm.t()).to(dtype)  # step 3: t = log2(e) cos / tau
+                in_chunk, cols = _chunk_columns(local_ids, c0, c1)  # Eq. 3's target term, before exp
                 sums[1] += (t.gather(1, cols) * target_weight * in_chunk).sum(1)
-                # Step 4: exp in place (as exp2, the cheaper instruction) and this shard's row sums.
-                # |s| <= 1/tau <= 40, so exp(s) neither overflows nor underflows in fp32: no max.
-                sums[0] += t.exp2_().sum(1)
+                sums[0] += t.exp2_().sum(1)  # step 4: exp in place (as exp2) and this shard's row sums
                 if module.chunk_size is None:
                     kept = [t, w_norm]  # backward reuses both; a chunked run recomputes them
-            if world_size > 1:
-                dist.all_reduce(sums)  # Step 4: the one all-reduce, denominators and targets together
-            # Step 5: Eq. 3, loss_i = log sum_j exp(s_ij) - sum_j y_ij s_ij (sum_j y_ij = 1).
-            loss = (sums[0].log() - sums[1] / LOG2E).mean()
-
-        ctx.module, ctx.mm_dtype, ctx.kept = module, mm_dtype, kept
-        ctx.dtypes = features.dtype, weight.dtype
+            if module.world_size > 1:
+                dist.all_reduce(sums)  # step 4: the one all-reduce, denominators and targets together
+            loss = (sums[0].log() - sums[1] / LOG2E).mean()  # step 5: Eq. 3 (sum_j y_ij = 1)
+        ctx.module, ctx.mm_dtype, ctx.kept, ctx.rows = module, mm_dtype, kept, rows
+        ctx.dtypes, ctx.weight_shape = (features.dtype, weight.dtype), weight.shape
         ctx.save_for_backward(x, x_norm, x_log2, w, inv_w_norm, local_ids, target_weight, sums[0])
         return loss
 
@@ -193,8 +183,7 @@ class _CosineSoftmax(torch.autograd.Function):
                 else:
                     gw.copy_(exp_t.t() @ x_scaled)
                 del exp_t
-                # The -y part (Eq. 2): the label and hard classes that live in this chunk.
-                in_chunk, cols = _chunk_columns(local_ids, c0, c1)
+                in_chunk, cols = _chunk_columns(local_ids, c0, c1)  # the -y part (Eq. 2) in this chunk
                 rows, slots = in_chunk.nonzero(as_tuple=True)
                 classes = cols[rows, slots]
                 coef = (-c / tau * target_weight[rows, slots])[:, None]
@@ -205,24 +194,37 @@ class _CosineSoftmax(torch.autograd.Function):
             # Step 7: sum the shards' parts of the embedding gradient and keep this rank's rows.
             # DDP averages backbone gradients over W ranks; W x dL/dx makes that average exact.
             grad_x_norm_local = reduce_scatter_rows(grad_x_norm).mul_(module.world_size)
-            # Back through x / |x|, on the local rows only.
-            x_norm_local = F.normalize(x, dim=1)
+            x_norm_local = F.normalize(x, dim=1)  # back through x / |x|, on the local rows only
             radial = (grad_x_norm_local * x_norm_local).sum(1, keepdim=True)
             grad_x = (grad_x_norm_local - radial * x_norm_local) / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None, None
+        grad_w = grad_w.to(ctx.dtypes[1])
+        if ctx.rows is not None:  # Table 3: only the drawn rows have a gradient
+            grad_w = torch.sparse_coo_tensor(ctx.rows[None], grad_w, ctx.weight_shape, is_coalesced=True,
+                                             check_invariants=False)
+        return grad_x.to(ctx.dtypes[0]), grad_w, None, None, None, None
 
 
 def _target_weights(shape, alpha, like):
-    """Eq. 2 per id column: 1 - alpha for the label, alpha / k for each of the k hard classes (in the
-    dtype and on the device of `like`)."""
+    """Eq. 2 per id column: 1 - alpha for the label, alpha / k for each of the k hard classes."""
     k = shape[1] - 1
     weights = torch.full(shape, alpha / max(k, 1), dtype=like.dtype, device=like.device)
     weights[:, 0] = 1.0 - alpha if k else 1.0
     return weights
 
 
+def _columns(shard_ids, rows):
+    """Columns of the target ids among the softmax's local rows: all rows, or the sampled `rows`
+    (sorted); an id outside them gets -1."""
+    if rows is None:
+        return shard_ids
+    if len(rows) == 0:
+        return torch.full_like(shard_ids, -1)
+    pos = torch.searchsorted(rows, shard_ids).clamp_max(len(rows) - 1)
+    return torch.where(rows[pos] == shard_ids, pos, -1)
+
+
 def _chunks(n, chunk_size):
-    step = chunk_size or n
+    step = chunk_size or max(n, 1)
     return [(c0, min(c0 + step, n)) for c0 in range(0, n, step)]
 
 
@@ -246,43 +248,58 @@ def _chunk_columns(local_ids, c0, c1):
     """Which target ids fall in local rows [c0, c1), and their columns in the chunk (0 elsewhere)."""
     cols = local_ids - c0
     in_chunk = (cols >= 0) & (cols < c1 - c0)
-    return in_chunk, cols.clamp(0, c1 - c0 - 1)
+    return in_chunk, cols.clamp(0, max(c1 - c0 - 1, 0))
 
 
 # ---------------------------------------------------------------- collectives on rows
 
 def all_gather_rows(tensor):
     """Every rank's `tensor` stacked along dim 0 in rank order (all ranks pass the same shape)."""
-    world_size = get_world_size()
-    if world_size == 1:
+    if get_world_size() == 1:
         return tensor
-    out = tensor.new_empty(world_size * tensor.shape[0], *tensor.shape[1:])
+    out = tensor.new_empty(get_world_size() * tensor.shape[0], *tensor.shape[1:])
     _all_gather(out, tensor.contiguous())
     return out
 
 
 def reduce_scatter_rows(tensor):
     """Sum `tensor` over the ranks and return this rank's 1/W of the rows (dim 0, rank order)."""
-    world_size = get_world_size()
-    if world_size == 1:
+    if get_world_size() == 1:
         return tensor
-    out = tensor.new_empty(tensor.shape[0] // world_size, *tensor.shape[1:])
+    out = tensor.new_empty(tensor.shape[0] // get_world_size(), *tensor.shape[1:])
     _reduce_scatter(out, tensor.contiguous())
     return out
 
 
-def all_gather_shards(local, total):
-    """Every rank's contiguous shard_range shard [n_r, ...] of a total-row tensor, concatenated in
-    rank order on every rank (shards may differ in size by one, or be empty)."""
+def each_shard(local, num_rows, spare=0):
+    """Yield (start, end, rows) for every rank's shard_range shard of a num_rows-row table, on every
+    rank, in rank order: each owner broadcasts its shard in turn, so no rank holds more than one
+    other shard. `rows` is a reused buffer with `spare` zero rows beyond the shard's end."""
     world = get_world_size()
-    if world == 1:
-        return local
-    size = shard_range(total, 0, world)[1]  # rank 0's shard is the largest
-    padded = local.new_zeros((size,) + tuple(local.shape[1:]))
-    padded[:len(local)] = local
-    gathered = all_gather_rows(padded)
-    return torch.cat([gathered[r * size:r * size + e - s]
-                      for r, (s, e) in enumerate(shard_range(total, r, world) for r in range(world))])
+    buffer = local.new_zeros((shard_range(num_rows, 0, world)[1] + spare,) + tuple(local.shape[1:]))
+    for owner in range(world):
+        start, end = shard_range(num_rows, owner, world)
+        if owner == get_rank():
+            buffer[:end - start] = local
+        buffer[end - start:] = 0
+        if world > 1:
+            dist.broadcast(buffer[:end - start], src=owner)
+        yield start, end, buffer
+
+
+def all_gather_shards(local, num_rows):
+    """All num_rows rows of a sharded [end - start, ...] tensor (shard_range layout) on every rank."""
+    return local if get_world_size() == 1 else torch.cat([rows[:e - s].clone() for s, e, rows in each_shard(local, num_rows)])
+
+
+def gather_shards(local, num_rows):
+    """All num_rows rows of a sharded [end - start, ...] tensor on rank 0 as a CPU tensor (None on
+    the others), one shard at a time. Every rank must call it."""
+    full = local.new_empty((num_rows,) + tuple(local.shape[1:]), device="cpu") if is_main() else None
+    for start, end, rows in each_shard(local.detach(), num_rows):
+        if full is not None:
+            full[start:end] = rows[:end - start].cpu()
+    return full
 
 
 def owner_of(ids, num_rows, world_size):
@@ -300,7 +317,6 @@ def send_rows_to_owners(ids, rows, num_rows):
     start, end = shard_range(num_rows, get_rank(), world)
     if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= num_rows):
         raise ValueError(f"ids must lie in [0, {num_rows})")
-    shard = rows.new_empty((end - start,) + tuple(rows.shape[1:]))
     if world > 1:
         owners = owner_of(ids, num_rows, world)
         order = owners.argsort(stable=True)
@@ -309,56 +325,52 @@ def send_rows_to_owners(ids, rows, num_rows):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)  # how many rows each rank will send here
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        received_ids = ids.new_empty(sum(recv))
-        received_rows = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
+        received_ids, received_rows = ids.new_empty(sum(recv)), rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
         dist.all_to_all_single(received_ids, ids, recv, send)
         dist.all_to_all_single(received_rows, rows, recv, send)
         ids, rows = received_ids, received_rows
     if len(ids) != end - start or len(torch.unique(ids)) != len(ids):
         raise RuntimeError(f"{len(ids)} rows reached a shard of {end - start}: every id must be sent exactly once")
+    shard = rows.new_empty((end - start,) + tuple(rows.shape[1:]))
     shard[ids - start] = rows
     return shard
 
 
-def gather_shards(local, num_rows):
-    """All num_rows rows of a sharded [end - start, ...] tensor (shard_range layout) on rank 0, as a
-    CPU tensor; None on the other ranks. Every rank must call it. Shards travel to rank 0 point to
-    point, one at a time, so no process holds more than the full CPU copy plus one shard."""
-    world, rank = get_world_size(), get_rank()
-    if world == 1:
-        return local.detach().cpu().clone()
-    full = local.new_empty((num_rows,) + tuple(local.shape[1:]), device="cpu") if rank == 0 else None
-    for src in range(world):
-        s0, s1 = shard_range(num_rows, src, world)
-        if rank == 0:
-            piece = local.detach() if src == 0 else local.new_empty((s1 - s0,) + tuple(local.shape[1:]))
-            if src:
-                dist.recv(piece, src=src)
-            full[s0:s1] = piece.cpu()
-        elif rank == src:
-            dist.send(local.detach().contiguous(), dst=0)
-    return full
+def seeded_rows(start, end, seed, draw, block=4096):
+    """Rows [start, end) of a table drawn block by block, draw(generator, block) with a generator
+    seeded by (seed, block index): the same rows whatever shards they are cut into."""
+    parts = []
+    for b in range(start // block, (end - 1) // block + 1):
+        values = draw(torch.Generator().manual_seed((seed * 1000003 + b) % 2**63), block)
+        parts.append(values[max(start, b * block) - b * block:min(end, (b + 1) * block) - b * block])
+    return torch.cat(parts)
 
 
-# ---------------------------------------------------------------- checkpoints on any GPU count
+# ================================================================ what every stage needs from the process group
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    return get_rank() == 0
+
 
 def gather_classifier(classifier, optimizer=None):
-    """All N rows (and their SGD momentum) on rank 0 as CPU float32; None on the other ranks.
-
-    Every rank must call it. The result loads onto any number of processes (load_classifier).
-    """
-    momentum = _momentum_buffer(classifier, optimizer)
-    if classifier.world_size > 1:
-        # Whether momentum exists must agree on every rank before the transfers start.
-        has = torch.tensor([int(momentum is not None)], device=classifier.weight.device)
+    """All N rows (and their SGD momentum) on rank 0 as CPU float32; None on the other ranks. Every
+    rank must call it. The result loads onto any number of processes (load_classifier)."""
+    momentum = optimizer.state.get(classifier.weight, {}).get("momentum_buffer") if optimizer else None
+    has = torch.tensor([int(momentum is not None)], device=classifier.weight.device)
+    if classifier.world_size > 1:  # whether momentum exists must agree before the transfers start
         dist.all_reduce(has, op=dist.ReduceOp.MIN)
-        momentum = momentum if has.item() else None
     n = classifier.num_classes
     weight = gather_shards(classifier.weight.float(), n)
-    momentum = gather_shards(momentum.float(), n) if momentum is not None else None
-    if classifier.rank != 0:
-        return None
-    return {"weight": weight, "momentum": momentum, "num_classes": n}
+    momentum = gather_shards(momentum.float(), n) if has.item() else None
+    return {"weight": weight, "momentum": momentum, "num_classes": n} if is_main() else None
 
 
 def load_classifier(classifier, state, optimizer=None):
@@ -375,51 +387,6 @@ def load_classifier(classifier, state, optimizer=None):
             state["momentum"][rows].to(classifier.weight.device, classifier.weight.dtype).clone())
 
 
-def _momentum_buffer(classifier, optimizer):
-    if optimizer is None:
-        return None
-    return optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
-
-
-# ---------------------------------------------------------------- process group helpers
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main():
-    return get_rank() == 0
-
-
-def init_distributed(device="auto"):
-    """Join torchrun's process group when launched by torchrun; return this process's device.
-
-    NCCL on CUDA, gloo on CPU. Without torchrun's environment this is a plain single process.
-    """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return dev
-
-
-def finish_distributed(owns_group):
-    """Leave the process group this script joined: barrier first, as gloo aborts a rank that
-    leaves while others still talk. A group the caller created (tests) is left to the caller."""
-    if owns_group and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def data_parallel(module, device):
     """`module` in DDP over the process group (one device per process), or as it is in one process."""
     if get_world_size() == 1:
@@ -427,11 +394,20 @@ def data_parallel(module, device):
     return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
-# ---------------------------------------------------------------- one stage: a process group, a run folder, one line per rank
+def broadcast_buffers(module):
+    """Rank 0's buffers (BN statistics) on every rank. DDP does this at the start of each training
+    forward; evaluations and saved files call it so that one network has one set of statistics."""
+    for buffer in module.buffers() if get_world_size() > 1 else ():
+        dist.broadcast(buffer, src=0)
 
-PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
-UMASK = os.umask(0o22)  # read once (umask can only be read by setting it), then put back
-os.umask(UMASK)
+
+class InputError(Exception):
+    """A problem with the user's input found where fail() cannot stop the run (a loader worker);
+    stage() ends the run with its message as one line."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping the processes after one failed, or a job scheduler)."""
 
 
 def fail(message, code=2):
@@ -440,120 +416,84 @@ def fail(message, code=2):
     raise SystemExit(code)
 
 
-def atomic_save(obj, path, dump=torch.save):
-    """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
-    half a file, and a full disk leaves the previous file as it was (one line, exit 2). torch.save
-    by default; pickle.dump or a bytes writer work the same way. The file gets the umask's mode."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    except OSError as e:
-        fail(f"cannot write {path} ({e.strerror}); pass an --out you can write to")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide results from the user's group
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # ENOSPC, EDQUOT, EIO...: the previous file is untouched
-            fail(f"cannot write {path} ({e.strerror}); the previous {os.path.basename(path)} is kept; "
-                 "free space or pass another --out, then rerun the command")
-        raise
-
-
-def load_run_file(path, needs=(), fix="rerun the stage that writes it"):
-    """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
-    `needs`: anything unreadable, truncated or of another shape stops with one line naming the file
-    and `fix`, not a traceback."""
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every way of being unreadable gets the same answer
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        fail(f"cannot read {path} ({reason}); {fix}")
-    missing = [key for key in needs if not isinstance(obj, dict) or key not in obj]
-    if missing:
-        fail(f"{path} is not a file this stage reads (no {', '.join(missing)}); {fix}")
-    return obj
-
-
-class Terminated(BaseException):
-    """SIGTERM (torchrun stopping the other processes after one failed, or a job scheduler)."""
+PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
 
 
 @contextlib.contextmanager
 def stage(args):
     """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
-    process group when launched by torchrun, hold the run folder RUN (--out) against a second run
-    (rank 0 flocks RUN/.lock; the kernel lets go when the process dies, so no lock outlives its
-    run), remove the temporary files a killed run left there, print the arguments, and leave the
-    group at the end.
-
-    Every way of stopping ends in one line on stderr: its own error (exit 2); on the other ranks,
-    "stopped because process R failed" once that rank's exit breaks a collective (R leaves a mark in
-    RUN, so RUN must be shared by the nodes, as the checkpoints already need); on Ctrl-C or SIGTERM,
-    where the run stands and that the same command resumes it (exit 130 / 143). On NCCL a rank
-    blocked in a collective cannot run Python: there torchrun stops it, and its own summary names
-    the process that failed."""
-    out, owns_group = args.out, not dist.is_initialized()
-    device = init_distributed(args.device)
+    process group (NCCL on CUDA, gloo on CPU), hold the run folder RUN (--out) against a second run,
+    remove the temporary files a killed run left there, print the arguments, and leave the group at
+    the end. Every way of stopping that is not a bug of this process ends in one line on stderr:
+    a bad input (exit 2, also one found in a loader worker), a loader that stopped delivering, a
+    peer process that failed, Ctrl-C or SIGTERM (where the run stands, exit 130 / 143)."""
+    owns_group = not dist.is_initialized()
+    device = join_process_group(args.device)
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    PROGRESS["where"] = None
-    lock, held = None, False
+    PROGRESS["where"], lock = None, None
     try:
-        lock = _hold_run_folder(out, device)
-        held = True  # every rank: rank 0 holds RUN, so failure marks may be written there
+        lock = _hold_run_folder(args.out, device)
         if is_main():
             print("args: " + json.dumps(vars(args), sort_keys=True), flush=True)
         yield device
-        finish_distributed(owns_group)
-    except (KeyboardInterrupt, Terminated) as e:
+        if owns_group and dist.is_initialized():
+            dist.barrier()  # gloo aborts a rank that leaves while others still talk
+            dist.destroy_process_group()
+    except BaseException as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one line, even if a second signal follows
-        failed = _failed_peer(out) if held and get_world_size() > 1 else None
-        if failed is not None:
-            fail(f"stopped because process {failed} failed (see its message)")
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
-        where = f" {PROGRESS['where']};" if PROGRESS["where"] else ""
-        fail(f"{what};{where} what was saved in {out} is kept, and the same command resumes from it",
-             130 if isinstance(e, KeyboardInterrupt) else 143)
-    except SystemExit as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if e.code not in (0, None) and held and get_world_size() > 1:
-            _mark_failed(out)  # before this process exits and breaks the others' collectives
-        raise
-    except Exception:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        failed = _failed_peer(out) if held and get_world_size() > 1 else None
-        if failed is None:
-            if held and get_world_size() > 1:
-                _mark_failed(out)
-            raise  # this rank's own error: a traceback is what a bug should show
-        fail(f"stopped because process {failed} failed (see its message)")
+        _stop_with_one_line(e, args.out)
+        raise  # a bug of this process: the traceback is what it should show
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if lock is not None:
             lock.close()  # lets go of the flock
 
 
+def _stop_with_one_line(e, out):
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
+        if isinstance(e, Terminated) and get_world_size() > 1:
+            what += " (torchrun sends it to every process when one fails: see that one's message)"
+        where = f" {PROGRESS['where']};" if PROGRESS["where"] else ""
+        fail(f"{what};{where} what was saved in {out} is kept, and the same command resumes from it",
+             130 if isinstance(e, KeyboardInterrupt) else 143)
+    if isinstance(e, InputError):  # from a loader worker its text ends with "InputError: <message>"
+        fail(str(e).strip().splitlines()[-1].split("InputError: ")[-1])
+    if isinstance(e, dist.DistBackendError) or (isinstance(e, RuntimeError) and "closed by peer" in str(e)):
+        fail("stopped because another process failed (see its message; torchrun's summary names it); "
+             f"what was saved in {out} is kept, and the same command resumes from it")
+    if isinstance(e, RuntimeError) and str(e).startswith("DataLoader"):
+        fail(f"the data loader stopped delivering batches ({str(e).splitlines()[0].rstrip('.')}): a loader worker "
+             "died (out of memory?) or a read hung; rerun the same command to resume, with fewer --workers, "
+             "--workers 0, or a longer --loader-timeout")
+
+
 def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def join_process_group(device="auto"):
+    """torchrun's process group when launched by torchrun (else one plain process); the device."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return dev
+
+
 def _hold_run_folder(out, device):
-    """Rank 0 takes RUN/.lock and clears what a killed run left; every rank learns the outcome.
-    Returns rank 0's open lock file (None on the other ranks)."""
+    """Rank 0 flocks RUN/.lock (the kernel lets go when the process dies, so no lock outlives its
+    run) and clears what a killed run left; every rank learns the outcome. Returns the lock file."""
     problem, lock = None, None
     if is_main():
         problem, lock = _take_lock(out)
-        if lock is not None:  # before the broadcast: no rank has started, so no mark is fresh
-            for stale in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(out, ".failed-rank-*")):
-                os.remove(stale)
-                if ".tmp-" in stale:
-                    print(f"removed {stale}, a half-written file of a killed run", flush=True)
+        for stale in glob.glob(os.path.join(out, ".tmp-*")) if lock else ():
+            os.remove(stale)
+            print(f"removed {stale}, a half-written file of a killed run", flush=True)
     if get_world_size() > 1:
         ok = torch.tensor([problem is None], dtype=torch.int32, device=device)
         dist.broadcast(ok, src=0)
@@ -568,10 +508,9 @@ def _take_lock(out):
     """(problem or None, the open RUN/.lock flocked by this process, holding "host pid")."""
     if os.path.exists(out) and not os.path.isdir(out):
         return f"--out {out} is a file, not a folder; pass a folder for the run", None
-    path = os.path.join(out, ".lock")
     try:
         os.makedirs(out, exist_ok=True)
-        lock = open(path, "a+")
+        lock = open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
         return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
     try:
@@ -586,23 +525,3 @@ def _take_lock(out):
     lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return None, lock
-
-
-def _mark_failed(out):
-    """RUN/.failed-rank-R: tells the other ranks, whose collectives this rank's exit breaks, who failed."""
-    try:
-        with open(os.path.join(out, f".failed-rank-{get_rank()}"), "w"):
-            pass
-    except OSError:
-        pass
-
-
-def _failed_peer(out, wait=2.0):
-    """The lowest other rank that marked itself failed (waiting up to `wait` s for its mark), else None."""
-    deadline = time.monotonic() + wait
-    while True:
-        ranks = sorted(int(p.rsplit("-", 1)[1]) for p in glob.glob(os.path.join(out, ".failed-rank-*")))
-        ranks = [r for r in ranks if r != get_rank()]
-        if ranks or time.monotonic() > deadline:
-            return ranks[0] if ranks else None
-        time.sleep(0.1)

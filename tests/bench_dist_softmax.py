@@ -134,7 +134,7 @@ def free_port():
 def worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = dist_softmax.init_distributed(args.device)
+    device = dist_softmax.join_process_group(args.device)
     world, rank = dist_softmax.get_world_size(), dist_softmax.get_rank()
     torch.manual_seed(rank)
     n, d, local_b = args.num_classes, args.dim, args.batch // world

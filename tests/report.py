@@ -14,9 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dist_softmax  # noqa: E402 - the project root joins the path first
-
-fail = importlib.import_module("01_extract_init").fail
+extract = importlib.import_module("01_extract_init")  # the project root joins the path first
+fail = extract.fail
 
 ARM_KEYS = ("backbone", "init")  # what may differ between the two arms of a row: the backbone itself
 
@@ -30,7 +29,7 @@ def main(argv=None):
     text = report(args.out)
     print(text, end="")
     path = os.path.join(args.out, "report.md")
-    dist_softmax.atomic_save(text.encode(), path, dump=lambda data, f: f.write(data))
+    extract.atomic_save(text.encode(), path, dump=lambda data, f: f.write(data))
     print(f"wrote {path}")
 
 

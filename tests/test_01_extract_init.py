@@ -10,6 +10,8 @@ from PIL import Image
 import demo_data
 from helpers import demo_folder, run_distributed, stage, stage_argv
 
+import dist_softmax
+
 
 extract = stage("01_extract_init")
 torch.set_num_threads(1)
@@ -107,7 +109,7 @@ def test_a_truncated_image_stops_the_pass_with_a_line_naming_it(tmp_path, capsys
     bad = os.path.join(root, "train", "001_ring", "00001.png")
     with open(bad, "r+b") as f:
         f.truncate(60)
-    with pytest.raises(extract.BadImageError, match="00001.png"):
+    with pytest.raises(dist_softmax.InputError, match="00001.png"):
         extract.ImageList([bad], extract.eval_transform(SIZE))[0]
     with pytest.raises(SystemExit) as exit_info:
         run_01(root, str(tmp_path / "run"))
@@ -221,6 +223,33 @@ def test_fixed_bn_rows_equal_eval_mode_embeddings_of_the_untouched_network(data,
     paths, _, _ = extract.list_images(os.path.join(data, "train"))
     expected = reference_rows(init["network"], paths, [range(len(paths))], bn_train=False)
     torch.testing.assert_close(init["classifier"]["weight"].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_ema_bn_normalises_each_batch_by_the_running_averages_it_has_just_updated():
+    """--bn ema: batch 1 by its own statistics, batch t by 0.9 x the averages before it + 0.1 x its
+    own (unbiased variance, as BN's running_var), in eval mode; no BN normalises by the batch alone."""
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    hooks = extract.set_bn_mode(net, "ema")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, generator=g) * (i + 1) + i for i in range(3)]
+    mean, var = batches[0].mean(0), batches[0].var(0)
+    for i, x in enumerate(batches):
+        if i:
+            mean, var = 0.9 * mean + 0.1 * x.mean(0), 0.9 * var + 0.1 * x.var(0)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), (x - mean) / (var + 1e-5).sqrt(), rtol=1e-5, atol=1e-5)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(net[0].running_mean, mean)
+    assert not net.training
+
+
+def test_ema_bn_arm_writes_rows_and_the_averaged_statistics(data, tmp_path, capsys):
+    init = run_01(data, str(tmp_path / "run"), "--bn", "ema")
+    rows = init["classifier"]["weight"]
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(len(rows)))
+    assert init["network"]["backbone.bn1.running_mean"].abs().sum() > 0
+    assert "BN ema" in capsys.readouterr().out
 
 
 def test_random_init_writes_unit_gaussian_rows_without_a_pass(data, tmp_path):

@@ -1,4 +1,6 @@
 """02_pretrain.py: training, checkpoints, exact resume (also on another process count), outputs."""
+import argparse
+import glob
 import hashlib
 import json
 import math
@@ -12,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import demo_data
 from helpers import ROOT, free_port, interrupt_at_epoch, real_photos, run_distributed, stage, stage_argv
@@ -387,6 +390,37 @@ def _knn_of_backbone(rank, world_size, data, out, expected):
     assert result["results"]["20"]["top1"] == pytest.approx(expected)
 
 
+def _two_process_run_recording_the_scored_network(rank, world_size, argv, folder):
+    measure = pretrain.KnnCurve.measure
+
+    def recording(self, backbone, epoch):
+        torch.save(backbone.state_dict(), os.path.join(folder, f"scored-rank{rank}-epoch{epoch}.pt"))
+        return measure(self, backbone, epoch)
+    pretrain.KnnCurve.measure = recording
+    pretrain.main(argv)
+    evaluation = stage("04_linear_eval")
+    result = evaluation.main(["--data", argv[1], "--out", argv[3], "--knn", "--workers", "0"])
+    if rank == 0:
+        torch.save(result["results"]["20"]["top1"], os.path.join(folder, "knn04.pt"))
+
+
+def test_one_backbone_one_knn_number_on_two_processes(with_val, tmp_path):
+    """Every rank scores the kNN curve with the same weights and BN statistics, those backbone.pt
+    holds, so the curve's last point is 04's kNN of backbone.pt."""
+    data, base = with_val
+    out = str(tmp_path / "run")
+    shutil.copytree(base, out)
+    argv = argv_02(data, out, 2, "--knn-every", "1")
+    run_distributed(_two_process_run_recording_the_scored_network, 2, argv, str(tmp_path))
+    saved = torch.load(os.path.join(out, "backbone.pt"), weights_only=True)
+    for epoch in (0, 1):
+        states = [torch.load(str(tmp_path / f"scored-rank{r}-epoch{epoch}.pt"), weights_only=True) for r in (0, 1)]
+        for key in states[0]:
+            assert torch.equal(states[0][key], states[1][key]), f"epoch {epoch}: {key} differs between the ranks"
+    assert all(torch.equal(states[0][key], saved[key]) for key in saved)
+    assert knn_records(out)[-1][1] == torch.load(str(tmp_path / "knn04.pt"))
+
+
 # ---------------------------------------------------------------- the device data path
 
 def ks_distance(a, b):
@@ -415,18 +449,28 @@ def test_device_crops_are_drawn_like_random_resized_crop(height, width):
     assert ((box[:, 0] + box[:, 2] <= height) & (box[:, 1] + box[:, 3] <= width) & (box[:, 2:] > 0).all(1)).all()
 
 
-def test_device_flip_jitter_grayscale_and_blur_rates_and_ranges():
+@pytest.mark.parametrize("jitter", ["simclr", "mocov2"])
+def test_device_flip_jitter_grayscale_and_blur_rates_and_ranges(jitter):
     n = 40000
-    p = pretrain.SimCLRViews(16).sample(torch.full((n,), 32), torch.full((n,), 32), torch.Generator().manual_seed(1))
+    p = pretrain.SimCLRViews(16, jitter).sample(torch.full((n,), 32), torch.full((n,), 32),
+                                                torch.Generator().manual_seed(1))
     for key, rate in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
         assert abs(p[key].float().mean().item() - rate) < 4 * math.sqrt(rate * (1 - rate) / n), key
-    factor = p["factor"]
-    assert factor[:, :3].min() >= 0.6 and factor[:, :3].max() <= 1.4 and factor[:, 3].abs().max() <= 0.1
-    for column, (low, high) in enumerate([(0.6, 1.4)] * 3 + [(-0.1, 0.1)]):  # uniform over the range
-        assert ks_distance(factor[:, column], np.random.default_rng(column).uniform(low, high, n)) < 1.95 * math.sqrt(2 / n)
+    b, c, s, h = extract.JITTER[jitter]
+    for column, (low, high) in enumerate([(1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h)]):
+        values = p["factor"][:, column]
+        assert values.min() >= low and values.max() <= high  # uniform over the range, as ColorJitter draws
+        assert ks_distance(values, np.random.default_rng(column).uniform(low, high, n)) < 1.95 * math.sqrt(2 / n)
     assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0
     orders = torch.unique(p["order"], dim=0, return_counts=True)[1]
     assert len(orders) == 24 and orders.min() > 0.8 * n / 24  # every order of the four jitters, equally often
+
+
+def test_simclr_jitter_is_the_default_and_twice_moco_v2s():
+    assert extract.JITTER["simclr"] == (0.8, 0.8, 0.8, 0.2) and extract.JITTER["mocov2"] == (0.4, 0.4, 0.4, 0.1)
+    assert pretrain.parser.get_default("jitter") == "simclr" and pretrain.parser.get_default("data_path") == "pil"
+    jitter = [t for t in extract.train_transform(16).transforms if isinstance(t, torchvision.transforms.RandomApply)][0]
+    assert jitter.transforms[0].brightness == pytest.approx((0.2, 1.8)) and jitter.transforms[0].hue == (-0.2, 0.2)
 
 
 def test_device_augmentations_equal_torchvision_functional_ops():
@@ -481,3 +525,57 @@ def test_the_device_path_trains_and_resumes_exactly(run, tmp_path, monkeypatch, 
             os.remove(os.path.join(plain, name))
         pretrain.main(argv_02(data, plain, 2, "--data-path", "device"))
         assert step_losses(plain) == step_losses(whole)
+
+
+# ---------------------------------------------------------------- the device path through loader workers
+
+def as_jpegs(folder, dest):
+    """A copy of an ImageFolder tree with every image re-encoded as JPEG."""
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.png"), recursive=True)):
+        target = os.path.join(dest, os.path.relpath(path, folder))[:-4] + ".jpg"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        Image.open(path).convert("RGB").save(target, quality=90)
+    return dest
+
+
+def device_epoch(paths, workers, rank=0, world=1):
+    """One epoch of the device path's (views, ids) batches on the CPU, as rank `rank` of `world`."""
+    args = argparse.Namespace(image_size=SIZE, jitter="simclr", cache_images=False, workers=workers,
+                              loader_timeout=60, seed=0)
+    source = pretrain.DeviceViews(paths, args, torch.device("cpu"))
+    sampler = torch.utils.data.DistributedSampler(source, num_replicas=world, rank=rank, seed=0, drop_last=True)
+    return [batch for batch, _ in source.batches(sampler, 3, 0)]
+
+
+def same_device_batches_with_workers(rank, world, paths):
+    torch.set_num_threads(1)
+    expected = device_epoch(paths, 0, rank, world)
+    assert len(expected) == len(paths) // world // 3
+    for workers in (1, 2):
+        got = device_epoch(paths, workers, rank, world)
+        assert len(got) == len(expected)
+        for (views, ids), (views0, ids0) in zip(got, expected):
+            assert torch.equal(ids, ids0) and torch.equal(views, views0)
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_device_path_batches_through_loader_workers_equal_the_in_process_ones(prepared, tmp_path, kind):
+    data, _ = prepared
+    train = os.path.join(data, "train") if kind == "png" else as_jpegs(os.path.join(data, "train"), str(tmp_path))
+    paths, _, _ = extract.list_images(train)
+    same_device_batches_with_workers(0, 1, paths)
+    run_distributed(same_device_batches_with_workers, 2, paths)
+
+
+def test_two_processes_finish_an_epoch_on_the_device_path_with_a_loader_worker(prepared, tmp_path):
+    data, base_run = prepared
+    jpegs = str(tmp_path / "jpegs")
+    as_jpegs(os.path.join(data, "train"), os.path.join(jpegs, "train"))
+    out = str(tmp_path / "run")
+    extract.main(stage_argv(jpegs, out, SIZE, BATCH, "--diagnostic-samples", "8"))
+    argv = [*argv_02(jpegs, out, 1), "--data-path", "device"]
+    argv[argv.index("--workers") + 1] = "1"
+    done = torchrun(2, "02_pretrain.py", argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(step_losses(out)) == 32 // BATCH and os.path.isfile(os.path.join(out, "backbone.pt"))

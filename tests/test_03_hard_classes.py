@@ -155,7 +155,7 @@ def run_dir(tmp_path_factory):
     demo_data.make_demo_dataset(root, num_classes=3, train_per_class=8, val_per_class=1, image_size=16)
     out = str(tmp_path_factory.mktemp("run"))
     w = weights(24, 8, seed=8)
-    dist_softmax.atomic_save({"classifier": {"weight": w, "momentum": None, "num_classes": 24},
+    extract.atomic_save({"classifier": {"weight": w, "momentum": None, "num_classes": 24},
                               "args": {"data": root}}, os.path.join(out, "init.pt"))
     return out, root, w
 
@@ -188,7 +188,7 @@ def test_script_writes_table_report_and_image_grid(run_dir):
 def test_script_under_torchrun_writes_the_single_process_table(run_dir, tmp_path):
     out, root, w = run_dir
     out2 = str(tmp_path)
-    dist_softmax.atomic_save({"classifier": {"weight": w, "momentum": None, "num_classes": 24}},
+    extract.atomic_save({"classifier": {"weight": w, "momentum": None, "num_classes": 24}},
                              os.path.join(out2, "init.pt"))
     done = run_script("--out", out2, "--data", root, "--hard-k", "5", "--image-size", "16", "--grid-rows", "1",
                       "--device", "cpu", torchrun=True)

@@ -1,4 +1,5 @@
 """04_linear_eval.py: linear probe, weighted kNN and semi-supervised fine-tuning, on 1 and 2 processes."""
+import argparse
 import json
 import os
 
@@ -161,7 +162,7 @@ def _evaluate_on_processes(rank, world_size, data, expected):
     paths, _, classes = extract.list_images(os.path.join(data, "train"))
     val_paths, val_labels = pretrain.list_val_images(data, classes)
     val = extract.ImageList(val_paths, extract.eval_transform(SIZE), val_labels)
-    result = evaluation.evaluate(probe, val, 2, 0, torch.device("cpu"))
+    result = evaluation.evaluate(probe, val, 2, argparse.Namespace(workers=0, loader_timeout=60), torch.device("cpu"))
     if expected is not None:
         assert result == expected, (result, expected)
     return result
@@ -211,7 +212,7 @@ def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
     extra = ("--pretrained", "random", "--cached-features", "--standardize", "--epochs", "3", "--lr", "2")
     evaluation.main(argv_04(data, whole, *extra))
-    real_save, saves = dist_softmax.atomic_save, []
+    real_save, saves = extract.atomic_save, []
 
     def save_then_crash(obj, path, **kwargs):
         real_save(obj, path, **kwargs)
@@ -219,11 +220,11 @@ def test_an_interrupted_probe_resumes_to_the_uninterrupted_result(data, tmp_path
             saves.append(path)
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(dist_softmax, "atomic_save", save_then_crash)
+    monkeypatch.setattr(extract, "atomic_save", save_then_crash)
     with pytest.raises(SystemExit) as stopped:
         evaluation.main(argv_04(data, broken, *extra))
     assert stopped.value.code == 130
-    monkeypatch.setattr(dist_softmax, "atomic_save", real_save)
+    monkeypatch.setattr(extract, "atomic_save", real_save)
     assert len(saves) == 1
     capsys.readouterr()
     evaluation.main(argv_04(data, broken, *extra))

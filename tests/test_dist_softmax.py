@@ -17,9 +17,12 @@ from dist_softmax import DistCosineSoftmax, shard_range
 NUM_CLASSES, DIM, LOCAL_BATCH, TAU, K = 23, 8, 4, 0.15, 5
 
 
-def reference_loss(features, weight, labels, hard_classes, alpha, tau=TAU):
-    """Eq. 3 written out with a dense target matrix y (Eq. 2), in float64."""
+def reference_loss(features, weight, labels, hard_classes, alpha, tau=TAU, classes=None):
+    """Eq. 3 written out with a dense target matrix y (Eq. 2), in float64; with `classes` (Table 3's
+    sampled softmax) the sum over classes runs over those only."""
     logits = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).t() / tau
+    if classes is not None:
+        logits = logits.masked_fill(~torch.isin(torch.arange(len(weight)), classes), float("-inf"))
     y = torch.zeros_like(logits)
     rows = torch.arange(len(labels))
     if hard_classes is not None and alpha > 0:
@@ -27,7 +30,7 @@ def reference_loss(features, weight, labels, hard_classes, alpha, tau=TAU):
         y[rows, labels] = 1 - alpha
     else:
         y[rows, labels] = 1.0
-    return -(y * logits.log_softmax(1)).sum(1).mean()
+    return -torch.where(y > 0, y * logits.log_softmax(1), 0).sum(1).mean()  # 0 log 0 = 0 off the sample
 
 
 def make_problem(world_size, seed=0):
@@ -44,12 +47,12 @@ def make_problem(world_size, seed=0):
     return inputs, labels, hard, weight, backbone
 
 
-def reference_gradients(inputs, labels, hard, weight, backbone, alpha):
+def reference_gradients(inputs, labels, hard, weight, backbone, alpha, classes=None):
     weight = weight.clone().requires_grad_()
     backbone = backbone.clone().requires_grad_()
     features = inputs @ backbone.t()
     features.retain_grad()
-    loss = reference_loss(features, weight, labels, hard, alpha)
+    loss = reference_loss(features, weight, labels, hard, alpha, classes=classes)
     loss.backward()
     return loss.detach(), features.grad, weight.grad, backbone.grad
 
@@ -229,7 +232,7 @@ def save_after_one_step(rank, world_size, path):
     optimizer.step()
     state = dist_softmax.gather_classifier(classifier, optimizer)
     if rank == 0:
-        dist_softmax.atomic_save(state, path)
+        torch.save(state, path)
     else:
         assert state is None
     dist.barrier()
@@ -267,3 +270,98 @@ def test_load_refuses_rows_of_another_class_count():
     state = {"weight": torch.zeros(NUM_CLASSES + 1, DIM), "momentum": None, "num_classes": NUM_CLASSES + 1}
     with pytest.raises(ValueError, match="other data"):
         dist_softmax.load_classifier(classifier, state)
+
+
+# ---------------------------------------------------------------- Table 3: the sampled softmax
+
+SAMPLED_CLASSES, SAMPLED_BATCH, SAMPLED_K = 101, 2, 2  # 4 instances on 4 ranks: few targets, many drawn
+
+
+def sampled_problem(world_size):
+    g = torch.Generator().manual_seed(7)
+    inputs = torch.randn(world_size * SAMPLED_BATCH, 6, generator=g, dtype=torch.float64)
+    instances = torch.randperm(SAMPLED_CLASSES, generator=g)[:world_size * SAMPLED_BATCH // 2]
+    labels = torch.cat([instances, instances])
+    hard = torch.stack([torch.randperm(SAMPLED_CLASSES, generator=g)[:SAMPLED_K + 1] for _ in labels])
+    hard = torch.stack([row[row != label][:SAMPLED_K] for row, label in zip(hard, labels)])
+    weight = torch.randn(SAMPLED_CLASSES, DIM, generator=g, dtype=torch.float64) * 3
+    backbone = torch.randn(DIM, 6, generator=g, dtype=torch.float64)
+    return inputs, labels, hard, weight, backbone
+
+
+def drawn_classes(classifier, labels, hard, alpha, sample):
+    """The global ids of the classes in the step's softmax, from every rank's local draw."""
+    ids = torch.cat([labels[:, None], hard if alpha else hard[:, :0]], 1)
+    local = classifier.sampled_rows(dist_softmax.all_gather_rows(ids), *sample) + classifier.start
+    parts = [None] * classifier.world_size
+    if classifier.world_size > 1:
+        dist.all_gather_object(parts, local)
+    else:
+        parts = [local]
+    return torch.cat(parts)
+
+
+def check_sampled_against_reference(rank, world_size):
+    """Loss and every gradient of the sampled softmax equal the float64 reference restricted to
+    the drawn classes; the drawn classes are the one-process draw and hold every target; rows not
+    drawn get no gradient."""
+    inputs, labels, hard, weight, backbone_weight = sampled_problem(world_size)
+    mine = slice(rank * SAMPLED_BATCH, (rank + 1) * SAMPLED_BATCH)
+    for alpha, chunk, m, dtype, rtol in itertools.product((0.0, 0.2), (None, 3), (12, 40),
+                                                          (torch.float32, torch.float64), (None,)):
+        sample = (m, 1234 + m)
+        classifier = DistCosineSoftmax(SAMPLED_CLASSES, DIM, TAU, chunk_size=chunk).to(dtype)
+        with torch.no_grad():
+            classifier.weight.copy_(weight[classifier.start:classifier.end])
+        classes = drawn_classes(classifier, labels[mine], hard[mine], alpha, sample)
+        one_process = DistCosineSoftmax.sampled_rows(
+            type("One", (), {"start": 0, "end": SAMPLED_CLASSES, "num_classes": SAMPLED_CLASSES,
+                             "weight": classifier.weight, "local_rows": lambda self, ids: ids})(),
+            torch.cat([labels[:, None], hard if alpha else hard[:, :0]], 1), *sample)
+        assert torch.equal(classes, one_process), "the draw depends on the process count"
+        assert torch.isin(labels, classes).all() and (not alpha or torch.isin(hard, classes).all())
+        ref_loss, ref_feat_grad, ref_w_grad, ref_backbone_grad = reference_gradients(
+            inputs, labels, hard, weight, backbone_weight, alpha, classes)
+        backbone = nn.Linear(6, DIM, bias=False).to(dtype)
+        with torch.no_grad():
+            backbone.weight.copy_(backbone_weight)
+        model = DistributedDataParallel(backbone) if world_size > 1 else backbone
+        features = model(inputs[mine].to(dtype))
+        features.retain_grad()
+        loss = classifier(features, labels[mine], hard[mine], alpha, sample)
+        loss.backward()
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+        where = f"rank {rank}/{world_size}, alpha {alpha}, chunk {chunk}, M {m}, {dtype}"
+        close = dict(**tol, msg=lambda msg: where + "\n" + msg)
+        torch.testing.assert_close(loss.double(), ref_loss, **close)
+        torch.testing.assert_close(backbone.weight.grad.double(), ref_backbone_grad, **close)
+        torch.testing.assert_close(features.grad.double(), world_size * ref_feat_grad[mine], **close)
+        assert classifier.weight.grad.is_sparse
+        torch.testing.assert_close(classifier.weight.grad.to_dense().double(),
+                                   ref_w_grad[classifier.start:classifier.end], **close)
+        undrawn = ~torch.isin(torch.arange(classifier.start, classifier.end), classes)
+        assert undrawn.any() and (classifier.weight.grad.to_dense()[undrawn] == 0).all()
+
+
+def test_sampled_softmax_matches_reference_on_one_process():
+    check_sampled_against_reference(0, 1)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_sampled_softmax_matches_reference_on_uneven_shards(world_size):
+    assert SAMPLED_CLASSES % world_size != 0
+    run_distributed(check_sampled_against_reference, world_size)
+
+
+def test_sampled_softmax_draws_about_m_classes_uniformly():
+    classifier = DistCosineSoftmax(20000, DIM, TAU)
+    ids = torch.arange(0, 40).view(20, 2)
+    counts, hits = [], torch.zeros(20000)
+    for seed in range(40):
+        rows = classifier.sampled_rows(ids, 2000, seed)
+        counts.append(len(rows))
+        hits[rows] += 1
+    assert abs(sum(counts) / len(counts) - 2000) < 15  # the binomial's spread over 40 draws is about 5
+    assert (hits[:40] == 40).all()  # the targets every time
+    others = hits[40:].view(-1, 998).sum(1) / (40 * 998)  # share of draws, by blocks of 998 classes
+    assert ((others - 1960 / 19960).abs() < 0.01).all()

@@ -1,0 +1,159 @@
+"""The paper's ablations (Tables 2-5, the augmentation, Figure 4's BN arms) on real photos, at the
+README's real-photo recipe: every arm with the same seeds, each arm beside its baseline.
+
+  python tests/ablations.py --data DATA --out runs/ablations [--seeds 0 1 2] [--arms default,t3_half]
+  python tests/ablations.py --out runs/ablations --table        # the table of what has finished
+
+DATA is an ImageFolder root (train/, val/), e.g. the CIFAR-10 photos of ../shared/data. Each arm
+runs 01 (or reuses the same seed's init of the same 01 flags), 02, 04's kNN and 04's linear probe
+on cached features, on two CPU processes (torchrun), and keeps its folder: a rerun skips what is
+done, and the same seeds reproduce every number. Not a paper stage.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NET = ["--arch", "resnet18", "--image-size", "16"]
+RECIPE_01 = ["--batch-size", "200"]
+RECIPE_02 = ["--batch-size", "16", "--epochs", "5", "--warmup-epochs", "1", "--lr", "4", "--hard-k", "10"]
+PROBE = ["--cached-features", "--standardize", "--lr", "1", "--epochs", "30", "--batch-size", "100"]
+GAUSS, NO_SMOOTHING = ["--init", "random"], ["--alpha", "0"]
+
+# name: (what it is, 01 flags, 02 flags); "{n2}" and "{n8}" are N/2 and N/8 sampled classes.
+ARMS = {
+    "default": ("defaults: prior rows, MLP head, alpha 0.2, k 10, SimCLR jitter, running BN", [], []),
+    "t2_no_mlp": ("Table 2: no MLP head (Gaussian rows, alpha 0)", GAUSS + ["--head", "linear"], NO_SMOOTHING),
+    "t2_mlp": ("Table 2: MLP head (Gaussian rows, alpha 0); Table 3: all classes", GAUSS, NO_SMOOTHING),
+    "t2_prior": ("Table 2: + the prior (alpha 0)", [], NO_SMOOTHING),
+    "t3_half": ("Table 3: M = N/2 sampled classes (Gaussian rows, alpha 0)", GAUSS, NO_SMOOTHING + ["--sample-classes", "{n2}"]),
+    "t3_eighth": ("Table 3: M = N/8 sampled classes (Gaussian rows, alpha 0)", GAUSS, NO_SMOOTHING + ["--sample-classes", "{n8}"]),
+    "t4_gauss_3x": ("Table 4: Gaussian rows, 3x steps (alpha 0)", GAUSS, NO_SMOOTHING + ["--epochs", "15"]),
+    "t4_prior_3x": ("Table 4: prior rows, 3x steps (alpha 0)", [], NO_SMOOTHING + ["--epochs", "15"]),
+    "t5_alpha01": ("Table 5: alpha 0.1 (k 10)", [], ["--alpha", "0.1"]),
+    "t5_alpha03": ("Table 5: alpha 0.3 (k 10)", [], ["--alpha", "0.3"]),
+    "t5_k5": ("Table 5: k 5 (alpha 0.2)", [], ["--hard-k", "5"]),
+    "t5_k20": ("Table 5: k 20 (alpha 0.2)", [], ["--hard-k", "20"]),
+    "aug_mocov2": ("augmentation: MoCo v2's colour jitter", [], ["--jitter", "mocov2"]),
+    "bn_fixed": ("Figure 4: fixed BNs (eval mode) in the prior pass", ["--bn", "fixed"], []),
+    "bn_ema": ("Figure 4: running averages in the prior pass", ["--bn", "ema"], []),
+    "device": ("the device data path (--data-path device)", [], ["--data-path", "device"]),
+}
+
+
+def run(stage, argv, log):
+    """torchrun 2 processes, one thread each; output appended to `log`; stop the grid on a failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, stage), *argv]
+    with open(log, "a") as f:
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f,
+                              stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        sys.exit(f"{stage} {' '.join(argv)} failed (exit {done.returncode}); see {log}")
+
+
+def run_arm(name, seed, args, num_train):
+    _, flags_01, flags_02 = ARMS[name]
+    flags_02 = [f.format(n2=num_train // 2, n8=num_train // 8) for f in flags_02]
+    out = os.path.join(args.out, name, f"seed{seed}")
+    common = ["--data", args.data, "--out", out, "--workers", "1", "--seed", str(seed)]
+    if os.path.isfile(os.path.join(out, "linear_eval_cached.json")):
+        return
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "stages.log")
+    init = os.path.join(args.out, "init", "_".join(flags_01).replace("-", "") or "prior", f"seed{seed}")
+    if not os.path.isfile(os.path.join(init, "init.pt")):
+        run("01_extract_init.py", ["--data", args.data, "--out", init, "--workers", "1", "--seed", str(seed),
+                                   *NET, *RECIPE_01, *flags_01], os.path.join(os.path.dirname(init), f"seed{seed}.log"))
+    for name_ in ("init.pt", "data.json"):
+        if not os.path.isfile(os.path.join(out, name_)):
+            shutil.copy(os.path.join(init, name_), out)
+    if not os.path.isfile(os.path.join(out, "backbone.pt")):
+        run("02_pretrain.py", [*common, *NET, *RECIPE_02, *flags_02], log)
+    for backbone, extra, result in ((os.path.join(out, "backbone.pt"), ["--knn"], "knn.json"),
+                                    (os.path.join(out, "backbone.pt"), PROBE, "linear_eval_cached.json")):
+        if not os.path.isfile(os.path.join(out, result)):
+            run("04_linear_eval.py", [*common, "--pretrained", backbone, *extra], log)
+
+
+def run_random(seed, args):
+    out = os.path.join(args.out, "random", f"seed{seed}")
+    common = ["--data", args.data, "--out", out, "--workers", "1", "--seed", str(seed), *NET]
+    for extra, result in ((["--knn"], "knn_random.json"), (PROBE, "linear_eval_cached_random.json")):
+        if not os.path.isfile(os.path.join(out, result)):
+            os.makedirs(out, exist_ok=True)
+            run("04_linear_eval.py", [*common, "--pretrained", "random", *extra], os.path.join(out, "stages.log"))
+
+
+def measures(folder, suffix=""):
+    """{measure: value} of one finished arm folder."""
+    def load(name):
+        path = os.path.join(folder, name + suffix + ".json")
+        return json.load(open(path)) if os.path.isfile(path) else None
+    knn, probe, found = load("knn"), load("linear_eval_cached"), {}
+    if knn:
+        found.update(knn20=knn["results"]["20"]["top1"], knn200=knn["results"]["200"]["top1"])
+    if probe:
+        found["probe"] = probe["top1"]
+    log = os.path.join(folder, "pretrain_log.jsonl")
+    curve = [r["knn_top1"] for r in map(json.loads, open(log)) if "knn_top1" in r] if os.path.isfile(log) else []
+    if curve and knn:
+        found["curve_minus_04"] = curve[-1] - knn["results"]["20"]["top1"]
+    return found
+
+
+def retrieval(init_folder_log):
+    """01's same-class top-1 retrieval (%) from its log, or None."""
+    if not os.path.isfile(init_folder_log):
+        return None
+    found = re.findall(r"same-class top-1 retrieval of the \w+ rows: ([\d.]+)%", open(init_folder_log).read())
+    return float(found[-1]) if found else None
+
+
+def table(args):
+    def cell(values):
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else f"{values[0]:.1f}"
+    lines = ["| arm | seeds | kNN top-1 k=20 | kNN top-1 k=200 | linear probe top-1 | prior retrieval |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    rows = [(name, what, ARMS[name][1]) for name, (what, _, _) in ARMS.items()] + [("random", "the random network", None)]
+    for name, what, flags_01 in rows:
+        seeds = sorted(os.listdir(os.path.join(args.out, name))) if os.path.isdir(os.path.join(args.out, name)) else []
+        found = [measures(os.path.join(args.out, name, s), "_random" if name == "random" else "") for s in seeds]
+        found = [f for f in found if "probe" in f]
+        got = {key: [f[key] for f in found if key in f] for key in ("knn20", "knn200", "probe")}
+        init = os.path.join(args.out, "init", "_".join(flags_01 or []).replace("-", "") or "prior")
+        ret = [retrieval(os.path.join(init, s + ".log")) for s in seeds] if flags_01 is not None and "--init" not in flags_01 else []
+        lines.append(f"| {what} | {len(found)} | {cell(got['knn20'])} | {cell(got['knn200'])} | {cell(got['probe'])} | "
+                     f"{cell([r for r in ret if r is not None])} |")
+    gaps = [abs(measures(os.path.join(args.out, n, s)).get("curve_minus_04", 0)) for n in ARMS
+            for s in (os.listdir(os.path.join(args.out, n)) if os.path.isdir(os.path.join(args.out, n)) else [])]
+    lines.append(f"\nkNN curve's last point minus 04's kNN (k=20) of the same backbone: at most {max(gaps or [0]):.2f} "
+                 f"points over {len(gaps)} runs")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data")
+    parser.add_argument("--out", default="runs/ablations")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
+    parser.add_argument("--table", action="store_true", help="print the table of the finished arms and stop")
+    args = parser.parse_args()
+    if not args.table:
+        num_train = sum(len(files) for _, _, files in os.walk(os.path.join(args.data, "train")))
+        for seed in args.seeds:
+            run_random(seed, args)
+            for name in args.arms.split(","):
+                run_arm(name, seed, args, num_train)
+    print(table(args))
+
+
+if __name__ == "__main__":
+    main()
