@@ -1,30 +1,24 @@
 """Stage 01: the contrastive prior, i.e. raw-feature initialisation of the N instance-class rows.
 
-Implements the paper's second technique (section "A Contrastive Prior", Figure 4): build the
-network from --seed (ResNet backbone + 2-layer MLP head to D = 128), make one pass over the
-training set with no parameter changing and BN in training mode, and use each instance's embedding
-as its classifier row. "Running BNs" is read the PyTorch way: each batch is normalised by its own
-mean and variance (--bn running); --bn fixed is eval mode, where the fresh statistics (0, 1) make
-BN an identity; --init random is Figure 4's Gaussian arm (no pass). The rows are stored at unit
-length: the cosine logits ignore length, but a row's SGD step scales with 1 / |w|^2.
+The paper's second technique ("A Contrastive Prior", Figure 4): build the network from --seed
+(ResNet + 2-layer MLP head to D = 128), pass once over the training set with no parameter changing,
+and use each instance's embedding as its classifier row, stored at unit length (cosine logits ignore
+length; a row's SGD step scales with 1 / |w|^2). --bn reads the paper's "running BNs": running (the
+default) normalises each batch by its own statistics (BN in training mode); ema by the running
+averages the batch has just updated ("a weighted average of ... features extracted in previous
+iterations"); fixed is eval mode. --init random is Figure 4's Gaussian arm (no pass).
 
-The pass draws its batches from a seeded permutation of all N instances (prior_batches): BN in
-training mode subtracts what a batch shares, so a batch must be a random sample of the data, not a
-run of one class folder. A BN batch is one process's share, --batch-size / W (the paper's 4096 on
-64 GPUs: 64), and its size shapes the prior. Process r embeds batches r, r + W, ... and one
-all_to_all sends every row to the process that owns it (dist_softmax.send_rows_to_owners); the
-rows depend on the per-process batch, not on the process count. Each instance is embedded from its
-centre crop (eval_transform), one deterministic view. Output, loadable with torch.load(...,
-weights_only=True) on any number of processes:
-  RUN/init.pt    {"network": state_dict after the pass, "classifier": {"weight": [N, 128],
-                  "momentum": None (02 adds SGD's), "num_classes": N}, "args", "fingerprint"}
-  RUN/data.json  the training list's fingerprint; later stages refuse different data
-It prints two diagnostics: the same-class top-1 retrieval of the rows against chance (the paper:
-about 3% against 0.1% on ImageNet, with a random ResNet-50), and Figure 4's gap, read here as the
-mean cosine of two augmented views of one instance against views of two instances.
+BN subtracts what a batch shares, so the pass draws its batches from a seeded permutation of all N
+instances (prior_batches), never a run of one class folder. A BN batch is one process's share,
+--batch-size / W; process r embeds the centre crops of batches r, r + W, ..., and one all_to_all
+sends every row to its owner (dist_softmax.send_rows_to_owners). It writes RUN/init.pt ({"network",
+"classifier": {"weight" [N, 128], "momentum": None, "num_classes"}, "args", "fingerprint"}; loads on
+any process count) and RUN/data.json, and prints the same-class top-1 retrieval of the rows against
+chance (the paper: about 3% against 0.1% on ImageNet) and Figure 4's gap: the mean cosine of two
+views of one instance against views of two instances.
 
-01 also holds the conventions every later stage uses (arguments, the data listing and image
-loading, transforms, the network), defined here because 01 is the first stage that needs them.
+Below the banner "What every stage shares": the conventions of all stages (arguments, the run
+folder and how a stage stops, data, transforms, the network, small pieces of the training loops, kNN).
 
 Commands:
   python 01_extract_init.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 --batch-size 256
@@ -36,15 +30,22 @@ Commands:
 import argparse
 import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import math
 import os
+import random
+import resource
+import signal
+import socket
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
@@ -53,11 +54,197 @@ from torchvision import transforms
 
 import dist_softmax as dsm
 
-fail = dsm.fail  # one line on stderr naming the problem and the fix, exit code 2
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+def arguments():
+    """01's flags, after those every stage shares (add_common_args)."""
+    parser = Parser(__doc__)
+    add_common_args(parser, epochs=None, batch_size=4096)
+    parser.add_argument("--bn", default="running", choices=["running", "ema", "fixed"],
+                        help="running: each batch normalised by its own statistics (the paper's running BNs); ema: by "
+                             "the running averages it has just updated; fixed: eval mode (Figure 4's arms)")
+    parser.add_argument("--init", default="raw", choices=["raw", "random"],
+                        help="raw: rows = embeddings from the pass; random: Gaussian rows, no pass")
+    parser.add_argument("--dim", type=POSITIVE, default=128, help="embedding size D")
+    parser.add_argument("--head", default="mlp", choices=["mlp", "linear"],
+                        help="the 2-layer MLP head, or one linear layer (Table 2's 'no MLP head' row)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the init.pt of a run folder that 02 has already trained in (RUN/checkpoint.pt)")
+    parser.add_argument("--diagnostic-samples", type=POSITIVE, default=1000,
+                        help="queries for the retrieval check and instances for the cosine gap")
+    return parser
 
+
+def main(argv=None):
+    args = arguments().parse_args(argv)
+    with stage(args) as device:
+        world = dsm.get_world_size()
+
+        # ---- data ----
+        train_dir = os.path.join(args.data, "train")
+        paths, labels, classes = list_images(train_dir)
+        n = len(paths)
+        if n < 2 * world:  # each process owns rows and, with running BNs, normalises batches of two or more
+            fail(f"{train_dir} holds {n} images, fewer than 2 per process for {world} processes; use fewer processes")
+        trained = os.path.join(args.out, "checkpoint.pt")
+        if os.path.isfile(trained) and not args.overwrite:
+            fail(f"{args.out} holds a trained run ({trained}); 01 would replace the init.pt it started from; pass a "
+                 "new --out, or --overwrite to replace init.pt (02 then still resumes from checkpoint.pt)")
+        # 01 defines the run's data: an earlier 01 that stopped before writing init.pt does not bind it.
+        fingerprint = check_data(args.out, paths, args.data, replace=not os.path.isfile(os.path.join(args.out, "init.pt")))
+        local_batch = resolve_rank_batch(args.batch_size, world)
+        if args.init == "raw" and len(prior_batches(n, local_batch, args.seed)) < world:
+            fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
+                 f"{n} images; use a smaller --batch-size")
+        if args.init == "raw" and args.bn != "fixed" and local_batch < 2:
+            fail(f"--batch-size {args.batch_size} gives each process batches of 1, which BN cannot normalise by "
+                 f"their statistics; use --batch-size {2 * world} or more")
+        log(f"01_extract_init: {n} instances, {len(classes)} folder classes, {world} process(es) on {device}, "
+            f"batch {args.batch_size} ({local_batch} per process), init {args.init}, BN {args.bn}")
+
+        # ---- network ----
+        torch.manual_seed(args.seed)  # the same initial network on every rank
+        net = EmbeddingNet(args.arch, args.image_size, args.dim, args.head).to(device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        net.requires_grad_(False)  # no parameter changes; only BN's statistics move
+        classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
+
+        # ---- the pass: shuffled batches, each row sent to the rank that owns it ----
+        t0 = time.perf_counter()
+        if args.init == "raw":
+            hooks = set_bn_mode(net, args.bn)
+            ids, embeddings = zip(*prior_pass(net, paths, local_batch, args, device))
+            rows = dsm.send_rows_to_owners(torch.cat(ids), torch.cat(embeddings), n)
+            for hook in hooks:
+                hook.remove()
+            if args.bn != "fixed":
+                merge_bn_averages(net)  # one network state for the run
+        else:  # Figure 4's Gaussian rows, the same on any process count
+            rows = dsm.seeded_rows(classifier.start, classifier.end, args.seed,
+                                   lambda g, block: torch.randn(block, args.dim, generator=g)).to(device)
+        with torch.no_grad():  # unit rows: every arm starts at the same scale whatever the embeddings' norm
+            classifier.weight.copy_(F.normalize(rows.float(), dim=1))
+        log(f"rows ready in {time.perf_counter() - t0:.1f} s")
+
+        # ---- save ----
+        state = dsm.gather_classifier(classifier)  # collective
+        if dsm.is_main():
+            path = os.path.join(args.out, "init.pt")
+            atomic_save({"network": cpu_state(net), "classifier": state, "args": vars(args),
+                         "fingerprint": fingerprint}, path)
+            log(f"wrote {path}: network + {n} x {args.dim} classifier rows")
+
+            # ---- diagnostics (rank 0, on the assembled rows) ----
+            if len(classes) > 1:
+                hits, chance, queries = retrieval_top1(state["weight"], labels, args.diagnostic_samples, args.seed)
+                log(f"same-class top-1 retrieval of the {args.init} rows: {100 * hits:.1f}% over {queries} queries "
+                    f"(chance {100 * chance:.1f}%)")
+            same, other = view_cosine_gap(net, paths, args, device)
+            log(f"mean cosine, two views of one instance: {same:.4f}; of two instances: {other:.4f}; "
+                f"gap {same - other:.4f} (BN {args.bn})")
+
+
+# ---------------------------------------------------------------- the pass and its diagnostics
+
+def prior_batches(num_instances, batch_size, seed):
+    """The batches of the prior pass: a seeded permutation of all instances cut into batches of
+    batch_size, the same for any process count. A last batch of one joins the one before."""
+    order = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed))
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        tail = batches.pop()
+        batches[-1] = torch.cat([batches[-1], tail])
+    return batches
+
+
+@torch.no_grad()
+def prior_pass(net, paths, batch_size, args, device):
+    """Yield (instance ids, embeddings of the centre crops) for this process's share of
+    prior_batches: batches r, r + W, r + 2W, ... on rank r. The network runs in the mode it is in."""
+    rank, world = dsm.get_rank(), dsm.get_world_size()
+    batches = [b.tolist() for b in prior_batches(len(paths), batch_size, args.seed)[rank::world]]
+    dataset = ImageList(paths, eval_transform(args.image_size))
+    for images, index in data_loader(dataset, args, device, batch_sampler=batches):
+        with autocast(device):
+            yield index.to(device), net(to_device(images, device)).float()
+
+
+def set_bn_mode(net, mode):
+    """Set up every BN for one of Figure 4's readings; returns the hooks to remove after the pass.
+    running: training mode, its saved statistics the plain average over the pass (momentum None).
+    ema: eval mode, each batch first updating the running averages (momentum 0.1, started from the
+    first batch's statistics), then normalised by them. fixed: eval mode, nothing updated."""
+    net.train(mode == "running")
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None if mode == "running" else 0.1
+    return [bn.register_forward_pre_hook(_update_running_stats) for bn in norms] if mode == "ema" else []
+
+
+def _update_running_stats(bn, inputs):
+    x = inputs[0].float()
+    dims = [0] + list(range(2, x.dim()))
+    weight = 1.0 if bn.num_batches_tracked == 0 else bn.momentum
+    bn.running_mean.lerp_(x.mean(dims), weight)
+    bn.running_var.lerp_(x.var(dims), weight)  # unbiased, as BN's own running_var
+    bn.num_batches_tracked += 1
+
+
+def merge_bn_averages(net):
+    """After a pass: every rank's statistics averaged, weighted by each rank's batch count (with
+    --bn running they then do not depend on the process count); momentum back to 0.1."""
+    for bn in (m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        if dsm.get_world_size() > 1:
+            count = bn.num_batches_tracked.to(bn.running_mean)
+            totals = torch.cat([bn.running_mean * count, bn.running_var * count, count.view(1)])
+            dist.all_reduce(totals)
+            width = len(bn.running_mean)
+            bn.running_mean.copy_(totals[:width] / totals[-1].clamp_min(1))
+            bn.running_var.copy_(totals[width:2 * width] / totals[-1].clamp_min(1))
+            bn.num_batches_tracked.fill_(int(totals[-1]))
+        bn.momentum = 0.1
+
+
+@torch.no_grad()
+def retrieval_top1(rows, labels, samples, seed):
+    """Share of queries whose most cosine-similar other row has the same folder class, the chance
+    of that for a random other row (sum_c n_c (n_c - 1) / N (N - 1)), and the number of queries."""
+    labels, n = torch.as_tensor(labels), rows.shape[0]
+    query = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:samples]  # not prior_batches' draw
+    rows = F.normalize(rows.float(), dim=1)
+    _, nearest = dsm.nearest_rows(rows[query], rows, 1, exclude=query, sharded=False)  # rank 0 holds all rows
+    hits = (labels[nearest[:, 0]] == labels[query]).double().mean().item()
+    sizes = torch.bincount(labels).double()
+    return hits, ((sizes * (sizes - 1)).sum() / (n * (n - 1))).item(), len(query)
+
+
+@torch.no_grad()
+def view_cosine_gap(net, paths, args, device, batch_size=64):
+    """Figure 4's similarity gap: mean cosine of the embeddings of two augmented views of one
+    instance, and of views of two different instances, on a fixed sample, with BN as in the pass
+    (ema: its final averages), on a copy of the network so its saved statistics stay as they are."""
+    net = copy.deepcopy(net).train(args.bn == "running")
+    sample = torch.randperm(len(paths), generator=torch.Generator().manual_seed(args.seed + 2))
+    sample = sample[:args.diagnostic_samples].tolist()
+    torch.manual_seed(args.seed + 3)  # the augmentations drawn below
+    dataset = ImageList([paths[i] for i in sample], TwoViews(train_transform(args.image_size)))
+    batch_size = min(batch_size, len(sample))
+    # Whole batches only: BN in training mode would normalise a last batch of one or two alone.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(sample) > batch_size)
+    first, second = [], []
+    for views, _ in loader:
+        with autocast(device):
+            z = net(to_device(views.flatten(0, 1), device)).float().view(views.shape[0], 2, -1)
+        first.append(F.normalize(z[:, 0], dim=1))
+        second.append(F.normalize(z[:, 1], dim=1))
+    first, second = torch.cat(first), torch.cat(second)
+    other = (first * second.roll(1, dims=0)).sum(1).mean().item()  # instance i against i - 1
+    return (first * second).sum(1).mean().item(), other
+
+
+# ================================================================ What every stage shares
+# ---------------------------------------------------------------- arguments
 
 class Parser(argparse.ArgumentParser):
     """argparse with every stage's conventions: the docstring as --help, and a bad argument stopping
@@ -71,8 +258,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind, low=None, high=None, open_low=False, open_high=False):
-    """An argparse type: a finite int or float within [low, high] ((low, high] with open_low, ...), else
-    one line that says what it must be."""
+    """An argparse type: a finite int or float within [low, high] ((low, high] with open_low, ...),
+    else one line that says what it must be."""
     def parse(text):
         try:
             value = kind(text)
@@ -89,6 +276,7 @@ def number(kind, low=None, high=None, open_low=False, open_high=False):
 
 
 POSITIVE, COUNT = number(int, 1), number(int, 0)  # --epochs, --batch-size...; --workers
+RATE, NON_NEGATIVE, FRACTION = number(float, 0, open_low=True), number(float, 0), number(float, 0, 1, open_high=True)
 
 
 def add_common_args(parser, epochs, batch_size, data_required=True):
@@ -111,154 +299,130 @@ def add_common_args(parser, epochs, batch_size, data_required=True):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
-parser = Parser(__doc__)
-add_common_args(parser, epochs=None, batch_size=4096)
-parser.add_argument("--bn", default="running", choices=["running", "ema", "fixed"],
-                    help="running: each batch normalised by its own statistics (BN in training mode, the paper's "
-                         "running BNs); ema: by the running averages this batch has just updated; fixed: eval mode")
-parser.add_argument("--init", default="raw", choices=["raw", "random"],
-                    help="raw: rows = embeddings from the pass; random: Gaussian rows, no pass")
-parser.add_argument("--dim", type=POSITIVE, default=128, help="embedding size D")
-parser.add_argument("--head", default="mlp", choices=["mlp", "linear"],
-                    help="the 2-layer MLP head, or one linear layer (Table 2's 'no MLP head' row)")
-parser.add_argument("--overwrite", action="store_true",
-                    help="replace the init.pt of a run folder that 02 has already trained in (RUN/checkpoint.pt)")
-parser.add_argument("--diagnostic-samples", type=POSITIVE, default=1000,
-                    help="queries for the retrieval check and instances for the cosine gap")
+# ---------------------------------------------------------------- a stage: the run folder, one line on every stop
+
+class InputError(Exception):
+    """Bad input found where fail() cannot end the run (a loader worker); stage() prints its line."""
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
-    with dsm.stage(args) as device:
-        world = dsm.get_world_size()
-        log = print if dsm.is_main() else (lambda *a, **k: None)
-
-        # ---- data ----
-        train_dir = os.path.join(args.data, "train")
-        paths, labels, classes = list_images(train_dir)
-        n = len(paths)
-        if n < 2 * world:  # each process owns rows and, with running BNs, normalises batches of two or more
-            fail(f"{train_dir} holds {n} images, fewer than 2 per process for {world} processes; use fewer processes")
-        trained = os.path.join(args.out, "checkpoint.pt")
-        if os.path.isfile(trained) and not args.overwrite:
-            fail(f"{args.out} holds a trained run ({trained}); 01 would replace the init.pt it started from; pass a "
-                 "new --out, or --overwrite to replace init.pt (02 then still resumes from checkpoint.pt)")
-        fingerprint = check_data_fingerprint(args.out, paths, args.data)
-        local_batch = resolve_rank_batch(args.batch_size, world)
-        if args.init == "raw" and len(prior_batches(n, local_batch, args.seed)) < world:
-            fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
-                 f"{n} images; use a smaller --batch-size")
-        if args.init == "raw" and args.bn == "running" and local_batch < 2:
-            fail(f"--batch-size {args.batch_size} gives each process batches of 1, which BN in training mode "
-                 f"cannot normalise; use --batch-size {2 * world} or more")
-        log(f"01_extract_init: {n} instances, {len(classes)} folder classes, {world} process(es) on {device}, "
-            f"batch {args.batch_size} ({local_batch} per process), init {args.init}, BN {args.bn}")
-
-        # ---- network ----
-        torch.manual_seed(args.seed)  # the same initial network on every rank
-        net = EmbeddingNet(args.arch, args.image_size, args.dim, args.head).to(device)
-        if device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
-        net.requires_grad_(False)  # no parameter changes; in training mode only BN's statistics move
-        classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
-        start, end = classifier.start, classifier.end
-
-        # ---- the pass: shuffled batches, each row sent to the rank that owns it ----
-        t0 = time.perf_counter()
-        if args.init == "raw":
-            hooks = set_bn_mode(net, args.bn)
-            ids, embeddings = zip(*prior_pass(net, paths, eval_transform(args.image_size), local_batch, args,
-                                              device))
-            rows = dsm.send_rows_to_owners(torch.cat(ids), torch.cat(embeddings), n)
-            for hook in hooks:
-                hook.remove()
-            if args.bn != "fixed":
-                merge_bn_averages(net)  # one network state for the run, whatever the process count
-        else:
-            rows = dsm.seeded_rows(start, end, args.seed, lambda g, b: torch.randn(b, args.dim, generator=g)).to(device)
-        # Unit rows: the cosine logits ignore a row's length, but its SGD step scales with 1/|w|^2,
-        # so every arm starts at the same scale whatever the raw embeddings' norm.
-        with torch.no_grad():
-            classifier.weight.copy_(F.normalize(rows.float(), dim=1))
-        log(f"rows ready in {time.perf_counter() - t0:.1f} s")
-
-        # ---- save ----
-        state = dsm.gather_classifier(classifier)  # collective
-        if dsm.is_main():
-            network = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-            path = os.path.join(args.out, "init.pt")
-            atomic_save({"network": network, "classifier": state, "args": vars(args),
-                             "fingerprint": fingerprint}, path)
-            log(f"wrote {path}: network + {n} x {args.dim} classifier rows")
-
-            # ---- diagnostics (rank 0, on the assembled rows) ----
-            if len(classes) > 1:
-                hits, chance, queries = retrieval_top1(state["weight"], labels, args.diagnostic_samples,
-                                                       args.seed, device)
-                log(f"same-class top-1 retrieval of the {args.init} rows: {100 * hits:.1f}% over {queries} queries "
-                    f"(chance {100 * chance:.1f}%)")
-            same, other = view_cosine_gap(net, paths, args, device)
-            log(f"mean cosine, two views of one instance: {same:.4f}; of two instances: {other:.4f}; "
-                f"gap {same - other:.4f} (BN {args.bn})")
+class Terminated(BaseException):
+    """SIGTERM (torchrun stopping the processes after one failed, or a job scheduler)."""
 
 
-# ---------------------------------------------------------------- errors and data
-
-def list_images(folder):
-    """(paths, labels, classes) for every image below `folder`, recursively, sorted by relative path.
-
-    label = index of the file's top-level subfolder among the sorted subfolder names (files
-    directly in `folder` form a class named ""). The position in `paths` is the instance id.
-    """
-    if not os.path.isdir(folder):
-        fail(f"{folder} is not a folder; --data ROOT must hold train/ with one subfolder per class")
-
-    def unreadable(error):
-        fail(f"cannot read {error.filename} ({error.strerror}); make it readable or move it out of {folder}")
-
-    found, seen, skipped = [], set(), 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
-        info = os.stat(dirpath)
-        folder_id = (info.st_dev, info.st_ino)
-        if folder_id in seen:  # a symbolic link back to a folder already listed (a loop, or a second path)
-            dirnames[:], skipped = [], skipped + 1
-            continue
-        seen.add(folder_id)
-        dirnames.sort()  # the first path to a folder wins, the same one every time
-        found += [os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
-                  for name in filenames if name.lower().endswith(IMAGE_EXTENSIONS)]
-    if skipped and dsm.is_main():
-        print(f"note: {skipped} folder(s) below {folder} reached again through symbolic links were listed once")
-    if not found:
-        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {folder}")
-    found.sort()
-    tops = [rel.split("/")[0] if "/" in rel else "" for rel in found]
-    classes = sorted(set(tops))
-    index = {c: i for i, c in enumerate(classes)}
-    return [os.path.join(folder, rel) for rel in found], [index[t] for t in tops], classes
+def fail(message, code=2):
+    """One line on stderr, then exit with `code` (2: a problem with the input), no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
-def check_data_fingerprint(run_dir, paths, data_root):
-    """Record (first call) or check (later calls) RUN/data.json: the count and sha256 of the
-    training list relative to data_root. Different data -> fail(). Returns the fingerprint."""
-    rel = [os.path.relpath(p, data_root).replace(os.sep, "/") for p in paths]
-    fingerprint = {"count": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest()}
-    path = os.path.join(run_dir, "data.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            saved["count"], saved["sha256"]
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            fail(f"{path} is not a data fingerprint ({type(e).__name__}: {e}); delete it and rerun with the "
-                 f"--data this run was made from")
-        if (saved["count"], saved["sha256"]) != (fingerprint["count"], fingerprint["sha256"]):
-            fail(f"{run_dir} was made from {saved['count']} training images ({saved.get('root', '?')}) but "
-                 f"--data {data_root} lists {fingerprint['count']} different ones; pass the original --data "
-                 f"or a new --out folder")
-    elif dsm.is_main():
-        write_json(path, {**fingerprint, "root": os.path.abspath(data_root)})
-    return fingerprint
+def log(*parts):
+    if dsm.is_main():  # rank 0 speaks for all
+        print(*parts, flush=True)
+
+
+PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
+
+
+@contextlib.contextmanager
+def stage(args):
+    """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
+    process group, hold the run folder RUN (--out) against a second run (rank 0 flocks RUN/.lock;
+    the kernel lets go when the process dies), remove the temporary files a killed run left, print
+    the arguments, and leave the group at the end. Every way of stopping that is not a bug of this
+    process ends in one line on stderr (see one_line_stop)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    owns_group = not dist.is_initialized()
+    device = dsm.join_process_group(args.device)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    PROGRESS["where"], lock = None, None
+    try:
+        lock = _hold_run_folder(args.out, device)
+        log("args: " + json.dumps(vars(args), sort_keys=True))
+        yield device
+        if owns_group and dist.is_initialized():
+            dist.barrier()  # gloo aborts a rank that leaves while others still talk
+            dist.destroy_process_group()
+    except BaseException as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one line, even if a second signal follows
+        one_line_stop(e, args.out)
+        raise  # a bug of this process: the traceback is what it should show
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if lock is not None:
+            lock.close()  # lets go of the flock
+
+
+def one_line_stop(e, out):
+    """fail() with the line for `e` when it is not a bug: Ctrl-C / SIGTERM (where the run stands,
+    exit 130 / 143), a bad input (also one found in a loader worker), a peer process that failed,
+    a loader that stopped delivering (a dead worker, a read past --loader-timeout)."""
+    kept = f"what was saved in {out} is kept, and the same command resumes from it"
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
+        if isinstance(e, Terminated) and dsm.get_world_size() > 1:
+            what += " (torchrun sends it to every process when another process failed: see its message)"
+        where = f" {PROGRESS['where']};" if PROGRESS["where"] else ""
+        fail(f"{what};{where} {kept}", 130 if isinstance(e, KeyboardInterrupt) else 143)
+    if isinstance(e, InputError):  # from a loader worker its text ends with "InputError: <message>"
+        fail(str(e).strip().splitlines()[-1].split("InputError: ")[-1])
+    if isinstance(e, dist.DistBackendError) or (isinstance(e, RuntimeError) and "closed by peer" in str(e)):
+        fail(f"stopped because another process failed (see its message; torchrun's summary names it); {kept}")
+    if isinstance(e, RuntimeError) and str(e).startswith("DataLoader"):
+        fail(f"the data loader stopped delivering batches ({str(e).splitlines()[0].rstrip('.')}): a loader worker "
+             "died (out of memory?) or a read hung; rerun the same command to resume, with fewer --workers, "
+             "--workers 0, or a longer --loader-timeout")
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _hold_run_folder(out, device):
+    """Rank 0 takes RUN/.lock and clears what a killed run left; every rank learns the outcome."""
+    problem, lock = None, None
+    if dsm.is_main():
+        problem, lock = _take_lock(out)
+        for stale in [os.path.join(out, f) for f in os.listdir(out) if f.startswith(".tmp-")] if lock else ():
+            os.remove(stale)
+            print(f"removed {stale}, a half-written file of a killed run", flush=True)
+    if dsm.get_world_size() > 1:
+        ok = torch.tensor([problem is None], dtype=torch.int32, device=device)
+        dist.broadcast(ok, src=0)
+        if not ok.item() and not dsm.is_main():
+            fail("stopped because process 0 failed (see its message)")
+    if problem:
+        fail(problem)
+    return lock
+
+
+def _take_lock(out):
+    """(problem or None, the open RUN/.lock flocked by this process, holding "host pid")."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file, not a folder; pass a folder for the run", None
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = (lock.read().strip().splitlines() or ["another process"])[0]
+        lock.close()
+        return f"{out} is in use by another run ({holder}); wait for it to end or pass another --out", None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return None, lock
+
+
+# ---------------------------------------------------------------- files in the run folder
+
+UMASK = os.umask(0o22)  # read once (umask can only be read by setting it), then put back
+os.umask(UMASK)
 
 
 def atomic_save(obj, path, dump=torch.save):
@@ -287,28 +451,191 @@ def atomic_save(obj, path, dump=torch.save):
         raise
 
 
-UMASK = os.umask(0o22)  # read once (umask can only be read by setting it), then put back
-os.umask(UMASK)
-
-
 def write_json(path, obj):
     """JSON written atomically: a reader never sees half a file."""
     atomic_save(json.dumps(obj, indent=2).encode(), path, dump=lambda data, f: f.write(data))
 
 
-def load_run_file(path, needs=(), fix="rerun the stage that writes it"):
+def append_log(path, record, epochs_done=None):
+    """One JSON line per record (rank 0). With epochs_done (at a stage's start): first drop the
+    lines of unfinished epochs, so that a resumed or restarted run logs every step and epoch once."""
+    if not dsm.is_main():
+        return
+    if epochs_done is not None:
+        kept = [line for line in open(path) if json.loads(line).get("epoch", 0) < epochs_done] if os.path.isfile(path) else []
+        atomic_save("".join(kept).encode(), path, dump=lambda data, f: f.write(data))
+    if record is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def load_run_file(path, needs=(), fix="rerun the stage that writes it", what=None):
     """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
-    `needs`: anything unreadable, truncated or of another shape stops with one line naming the file
-    and `fix`, not a traceback."""
+    `needs`: a folder, anything unreadable, truncated or of another shape stops with one line naming
+    the file (as `what`, e.g. "--pretrained PATH") and `fix`, not a traceback."""
+    what = what or path
+    if os.path.isdir(path):
+        fail(f"{what} is a folder, not a checkpoint file; {fix}")
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every way of being unreadable gets the same answer
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        fail(f"cannot read {path} ({reason}); {fix}")
+        reason = " ".join(str(e).split())[:80] if isinstance(e, OSError) else "not a torch checkpoint"
+        fail(f"cannot read {what} ({reason}); {fix}")
     missing = [key for key in needs if not isinstance(obj, dict) or key not in obj]
     if missing:
-        fail(f"{path} is not a file this stage reads (no {', '.join(missing)}); {fix}")
+        fail(f"{what} is not a file this stage reads (no {', '.join(missing)}); {fix}")
     return obj
+
+
+def resume_from(path, settings, network=None, optimizer=None):
+    """The resume contract of every training stage (02, 04, 05): the checkpoint at `path`, or None.
+    A checkpoint written by another stage, for other training data or with other settings is
+    refused with one line naming what differs: resuming it would silently train something else.
+    `settings` holds "stage", "data" (the fingerprint) and flag values by name; the checkpoint's
+    network and optimizer states are loaded into `network` and `optimizer` if given."""
+    if not os.path.isfile(path):
+        return None
+    ckpt = load_run_file(path, ("settings",), "delete it to start over")
+    saved = ckpt["settings"]
+    if saved.get("stage") != settings["stage"]:
+        fail(f"{path} was written by {saved.get('stage')}, not {settings['stage']}; pass another --out or delete it")
+    changed = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+    if changed:
+        names = {"data": "other training images", "backbone": "another backbone"}
+        was = ", ".join(names.get(key) or f"--{key.replace('_', '-')} {saved.get(key)}" for key in changed)
+        fail(f"{path} was written with other settings ({was}); rerun with those to resume, or delete it to start over")
+    if network is not None:
+        network.load_state_dict(ckpt["network"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    log(f"resuming from {path} (saved by {ckpt['world_size']} process(es), now {dsm.get_world_size()})")
+    return ckpt
+
+
+def save_for_resume(path, settings, network, optimizer, **progress):
+    """What resume_from reads, written atomically by rank 0: the settings, the network and optimizer
+    states and the stage's progress (epoch, history, ...)."""
+    if dsm.is_main():
+        atomic_save({"settings": settings, "network": cpu_state(network), "optimizer": optimizer.state_dict(),
+                     "world_size": dsm.get_world_size(), **progress}, path)
+
+
+def cpu_state(module):
+    return {key: value.detach().cpu() for key, value in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------- data
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def list_images(folder):
+    """(paths, labels, classes) for every image below `folder`, recursively, sorted by relative path.
+    label = index of the file's top-level subfolder among the sorted subfolder names (files
+    directly in `folder` form a class named ""). The position in `paths` is the instance id."""
+    if not os.path.isdir(folder):
+        fail(f"{folder} is not a folder; --data ROOT must hold train/ with one subfolder per class")
+
+    def unreadable(error):
+        fail(f"cannot read {error.filename} ({error.strerror}); make it readable or move it out of {folder}")
+
+    found, seen, skipped = [], set(), 0
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in seen:  # a symbolic link back to a folder already listed
+            dirnames[:], skipped = [], skipped + 1
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirnames.sort()  # the first path to a folder wins, the same one every time
+        found += [os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
+                  for name in filenames if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if skipped:
+        log(f"note: {skipped} folder(s) below {folder} reached again through symbolic links were listed once")
+    if not found:
+        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {folder}")
+    found.sort()
+    tops = [rel.split("/")[0] if "/" in rel else "" for rel in found]
+    classes = sorted(set(tops))
+    index = {c: i for i, c in enumerate(classes)}
+    return [os.path.join(folder, rel) for rel in found], [index[t] for t in tops], classes
+
+
+def check_data(run_dir, paths, data_root, replace=False):
+    """The training list's fingerprint {"count", "sha256" of the relative paths}, checked against
+    RUN/data.json or written there (first use, or `replace`: 01 before its init.pt exists). Other
+    data (another list) stops every stage; so does, on rank 0, a list whose files' sizes and
+    modification times changed since data.json was written (an image edited in place)."""
+    rel = [os.path.relpath(p, data_root).replace(os.sep, "/") for p in paths]
+    found = {"count": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest()}
+    path, identity = os.path.join(run_dir, "data.json"), dict(found)
+    if not dsm.is_main():
+        return identity
+    found["files"] = hashlib.sha256(" ".join(f"{s.st_size}:{s.st_mtime_ns}" for s in map(os.stat, paths)).encode()).hexdigest()
+    if replace or not os.path.isfile(path):
+        write_json(path, {**found, "root": os.path.abspath(data_root)})
+        return identity
+    try:
+        saved = json.load(open(path))
+        saved["count"], saved["sha256"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        fail(f"{path} is not a data fingerprint ({type(e).__name__}: {e}); delete it and rerun with the "
+             f"--data this run was made from")
+    if (saved["count"], saved["sha256"]) != (found["count"], found["sha256"]):
+        fail(f"{run_dir} was made from {saved['count']} training images ({saved.get('root', '?')}) but "
+             f"--data {data_root} lists {found['count']} different ones; pass the original --data or a new --out folder")
+    if saved.get("files", found["files"]) != found["files"]:
+        fail(f"images under {data_root}/train changed in place since this run's 01 (same names, other sizes or "
+             "modification times): its rows belong to the old images; restore them, or rerun 01 with a new --out")
+    return identity
+
+
+def list_val_images(data_root, classes):
+    """(paths, labels) of ROOT/val with labels indexing `classes` (train's order). Two layouts:
+    ImageFolder (val/<class>/..., class folders named as in train/, any subset of them) or
+    tiny-ImageNet's val/images/ + val/val_annotations.txt ("file<TAB>class<TAB>box...")."""
+    val_dir = os.path.join(data_root, "val")
+    index = {c: i for i, c in enumerate(classes)}
+    annotations = os.path.join(val_dir, "val_annotations.txt")
+    if os.path.isfile(annotations):
+        named = {}
+        for number, name, cls in read_annotations(annotations):
+            if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+                fail(f"{annotations} line {number} names {name}, outside val/images/; give file names under val/images/")
+            if name in named:
+                fail(f"{annotations} line {number} lists {name} " + ("again" if named[name] == cls else
+                     f"as {cls}, an earlier line as {named[name]}") + "; keep one line per image")
+            if cls not in index:
+                fail(f"{annotations} labels {name} as class {cls}, which train/ does not have; "
+                     f"use the train/ that belongs to this val/")
+            if not os.path.isfile(os.path.join(val_dir, "images", name)):
+                fail(f"{os.path.join(val_dir, 'images', name)} is listed in {annotations} but missing; restore val/images/")
+            named[name] = cls
+        if not named:
+            fail(f"{annotations} lists no images")
+        return [os.path.join(val_dir, "images", n) for n in sorted(named)], [index[named[n]] for n in sorted(named)]
+    if not os.path.isdir(val_dir):
+        fail(f"{val_dir} not found; the evaluation needs ROOT/val/ (ImageFolder, or tiny-ImageNet's "
+             f"images/ + val_annotations.txt)")
+    paths, folder_labels, folders = list_images(val_dir)
+    unknown = [c for c in folders if c not in index]
+    if unknown:
+        fail(f"{val_dir} has class folder(s) {unknown[:3]} that train/ lacks; name val/ folders as in train/")
+    return paths, [index[folders[label]] for label in folder_labels]
+
+
+def read_annotations(path):
+    """(line number, file, class) per line of tiny-ImageNet's val_annotations.txt (UTF-8, a BOM allowed)."""
+    try:
+        lines = open(path, encoding="utf-8-sig").read().splitlines()
+    except UnicodeDecodeError as e:
+        fail(f"{path} is not UTF-8 text (byte {e.start} is not); save it as UTF-8")
+    found = []
+    for number, line in enumerate(lines, 1):
+        fields = line.strip().split("\t")
+        if fields[0] and len(fields) < 2:
+            fail(f"{path} line {number} has no class column; expected 'file<TAB>class<TAB>...'")
+        found += [(number, fields[0], fields[1])] if fields[0] else []
+    return found
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -337,17 +664,19 @@ def load_rgb(path):
                 return Image.fromarray(np.clip(pixels / top * 255, 0, 255).astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise dsm.InputError(bad_image(path, e)) from None
+        raise InputError(bad_image(path, e)) from None
 
 
 def bad_image(path, error):
-    return f"cannot read image {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); remove or replace that file"
+    """The one line for an image that cannot be read, on every data path."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot read image {path} ({reason}); remove or replace that file"
 
 
 def data_loader(dataset, args, device, **kwargs):
     """torch's DataLoader as every stage uses it: --workers processes, pinned memory on CUDA, and a
     --loader-timeout for each batch, so that a loader that stops delivering ends the run with one
-    line (dist_softmax.stage) instead of a silent wait."""
+    line (one_line_stop) instead of a silent wait."""
     return torch.utils.data.DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == "cuda",
                                        timeout=args.loader_timeout if args.workers else 0, **kwargs)
 
@@ -363,25 +692,21 @@ def timed_batches(loader):
         yield batch, time.perf_counter() - t0
 
 
-class TwoViews:
-    """Two independent draws of a random transform, stacked: [2, C, H, W]."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image):
-        return torch.stack([self.transform(image), self.transform(image)])
+def collate_lists(items):
+    """A batch as lists (of file bytes, of boxes...), for items that cannot be stacked."""
+    return tuple(list(column) for column in zip(*items))
 
 
-def eval_transform(image_size):
-    """Resize the short side to 1.14 x size (256/224), centre crop, ImageNet normalisation."""
-    return transforms.Compose([
-        transforms.Resize(int(round(image_size * 1.14))),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def fixed_sample(count, limit, seed):
+    """Sorted indices of at most `limit` of `count` items, drawn with `seed` (all of them if count <= limit)."""
+    if count <= limit:
+        return list(range(count))
+    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
 
 
+# ---------------------------------------------------------------- transforms
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # SimCLR's augmentation of the training views (the paper cites it), for train_transform and 02's
 # device path. Colour jitter (brightness, contrast, saturation, hue): SimCLR's strength 1, or MoCo v2's half.
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -391,6 +716,12 @@ P_JITTER, P_GRAY, P_BLUR, BLUR_SIGMA = 0.8, 0.2, 0.5, (0.1, 2.0)
 
 def blur_kernel(image_size):
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)  # about 10% of the side, odd
+
+
+def eval_transform(image_size):
+    """Resize the short side to 1.14 x size (256/224), centre crop, ImageNet normalisation."""
+    return transforms.Compose([transforms.Resize(int(round(image_size * 1.14))), transforms.CenterCrop(image_size),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def train_transform(image_size, jitter="simclr"):
@@ -405,15 +736,51 @@ def train_transform(image_size, jitter="simclr"):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def resolve_rank_batch(global_batch, world_size):
-    """This process's share of the global --batch-size; it must split evenly."""
-    if global_batch < world_size or global_batch % world_size:
-        fail(f"--batch-size {global_batch} does not split evenly over {world_size} processes; "
-             f"use a multiple of {world_size}")
-    return global_batch // world_size
+class TwoViews:
+    """Two independent draws of a random transform, stacked: [2, C, H, W]."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return torch.stack([self.transform(image), self.transform(image)])
 
 
-# ---------------------------------------------------------------- networks
+# ---------------------------------------------------------------- the network
+
+def build_backbone(arch, image_size):
+    """(torchvision ResNet with fc = Identity, feature width). Key names stay torchvision's.
+    At image_size <= 64 the usual small-image stem replaces conv1 (3x3, stride 1) and drops the
+    max-pool; such a state_dict loads into build_backbone(arch, size) or a torchvision ResNet whose
+    conv1 was swapped likewise; larger ones into torchvision.models.<arch>() with only fc.* missing."""
+    model = getattr(torchvision.models, arch)(weights=None)
+    feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    if image_size <= 64:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        log(f"{arch} at {image_size} px: small-image stem (3x3 stride-1 conv1, no max-pool)")
+    return model, feature_dim
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone + a 2-layer MLP head to D dims: Linear(F, F) + BN + ReLU + Linear(F, D). The paper
+    says "2-layer MLP" and no more: the hidden width equals the backbone's (2048 for ResNet-50) and
+    BN sits in the hidden layer, as in SimCLR's head. The output is not normalised (the cosine
+    classifier does that). head="linear": one Linear(F, D), Table 2's row without the MLP head."""
+
+    def __init__(self, arch, image_size, dim=128, head="mlp"):
+        super().__init__()
+        self.backbone, width = build_backbone(arch, image_size)
+        if head == "mlp":
+            self.head = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width),
+                                      nn.ReLU(inplace=True), nn.Linear(width, dim))
+        else:
+            self.head = nn.Sequential(nn.Linear(width, dim))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
 
 def autocast(device):
     """bf16 autocast on CUDA (the matrix products of every stage), nothing on CPU."""
@@ -427,161 +794,110 @@ def to_device(images, device):
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
-
-def build_backbone(arch, image_size):
-    """(torchvision ResNet with fc = Identity, feature width). Key names stay torchvision's.
-
-    At image_size <= 64 the usual small-image stem replaces conv1 (3x3, stride 1) and drops the
-    max-pool. Such a state_dict loads into torchvision.models.<arch>() given the same stem, i.e.
-    into build_backbone(arch, size) or a torchvision ResNet whose conv1 was swapped likewise;
-    at larger sizes it loads into a plain torchvision.models.<arch>() with only fc.* missing.
-    """
-    model = getattr(torchvision.models, arch)(weights=None)
-    feature_dim = model.fc.in_features
-    model.fc = nn.Identity()
-    if image_size <= 64:
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-        if dsm.is_main():
-            print(f"{arch} at {image_size} px: small-image stem (3x3 stride-1 conv1, no max-pool)")
-    return model, feature_dim
+def resolve_rank_batch(global_batch, world_size):
+    """This process's share of the global --batch-size; it must split evenly."""
+    if global_batch < world_size or global_batch % world_size:
+        fail(f"--batch-size {global_batch} does not split evenly over {world_size} processes; "
+             f"use a multiple of {world_size}")
+    return global_batch // world_size
 
 
-class EmbeddingNet(nn.Module):
-    """Backbone + a 2-layer MLP head to D dims: Linear(F, F) + BN + ReLU + Linear(F, D).
+# ---------------------------------------------------------------- the training loops' small pieces
 
-    The paper says "2-layer MLP" and no more. The hidden width here equals the backbone width (2048
-    for ResNet-50) and BN sits in the hidden layer, as in SimCLR's head (MoCo v2's has none); with
-    running BNs this BN is part of what shapes the prior. The output is not normalised (the cosine
-    classifier does that).
-    """
-
-    def __init__(self, arch, image_size, dim=128, head="mlp"):
-        super().__init__()
-        self.backbone, width = build_backbone(arch, image_size)
-        if head == "mlp":
-            self.head = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width),
-                                      nn.ReLU(inplace=True), nn.Linear(width, dim))
-        else:  # Table 2's ablation without the MLP head
-            self.head = nn.Sequential(nn.Linear(width, dim))
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
+def step_seed(seed, position, rank=0):
+    """One seed per (--seed, epoch or iteration, rank): reseeding with it makes a resumed run draw
+    what an uninterrupted one draws, without storing generator states in checkpoints."""
+    return seed * 1000003 + position * 1009 + rank
 
 
-# ---------------------------------------------------------------- the pass and its diagnostics
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
-def prior_batches(num_instances, batch_size, seed):
-    """The batches of the prior pass: a seeded permutation of all instances cut into batches of
-    batch_size, the same for any process count. Mixed batches matter: BN in training mode subtracts
-    what a batch shares, and a batch of one folder class would lose that class's signal. A last
-    batch of one (which BN cannot normalise) joins the one before."""
-    order = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed))
-    batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        tail = batches.pop()
-        batches[-1] = torch.cat([batches[-1], tail])
-    return batches
+
+def cosine_lr(base_lr, progress, warmup_epochs, epochs):
+    """Linear warm-up over warmup_epochs, then cosine to 0 at `epochs`; progress in epochs."""
+    if progress < warmup_epochs:
+        return base_lr * progress / warmup_epochs
+    t = min(1.0, (progress - warmup_epochs) / max(epochs - warmup_epochs, 1e-12))
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def stop_if_not_finite(loss, where, kept):
+    if not math.isfinite(loss):
+        fail(f"loss is {loss} at {where}; stopped, {kept}")
+
+
+class Meter:
+    """Loss and timing over the steps since the last progress line; line() prints it (rank 0) and
+    returns its record: loss, lr, images/s, data-wait share, ETA, peak memory."""
+
+    def __init__(self):
+        self.steps, self.loss, self.wait, self.start = 0, 0.0, 0.0, time.perf_counter()
+
+    def add(self, loss, wait):
+        self.steps, self.loss, self.wait = self.steps + 1, self.loss + loss, self.wait + wait
+
+    def line(self, head, lr, images, steps_left, device, detail="", **record):
+        elapsed = time.perf_counter() - self.start
+        per_step = elapsed / max(self.steps, 1)
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # peak RSS on CPU
+        record.update(loss=self.loss / max(self.steps, 1), lr=lr, images_per_s=images / per_step,
+                      data_wait=self.wait / max(elapsed, 1e-12), eta_s=per_step * steps_left, peak_mem_gib=peak)
+        eta = int(record["eta_s"])
+        log(f"{head} loss {record['loss']:.4f}{detail} lr {lr:.4g} img/s {record['images_per_s']:.0f} data "
+            f"{100 * record['data_wait']:.0f}% eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d} mem {peak:.2f}G")
+        self.__init__()
+        return record
+
+
+# ---------------------------------------------------------------- kNN: 02's curve, 04's protocol
+
+EMBED_BATCH = 256  # images per process and batch when embedding for an evaluation (the same in every stage)
 
 
 @torch.no_grad()
-def prior_pass(net, paths, transform, batch_size, args, device):
-    """Yield (instance ids, embeddings) batch by batch for this process's share of prior_batches:
-    batches r, r + W, r + 2W, ... on rank r. The network runs in the mode it is in."""
-    rank, world = dsm.get_rank(), dsm.get_world_size()
-    batches = [b.tolist() for b in prior_batches(len(paths), batch_size, args.seed)[rank::world]]
-    for images, index in data_loader(ImageList(paths, transform), args, device, batch_sampler=batches):
+def embed(backbone, paths, args, device):
+    """Pooled backbone features [len(paths), width] (float32, on `device`) of the centre crops, BN
+    in eval mode, in the order of `paths`."""
+    was_training = backbone.training
+    backbone.eval()
+    loader = data_loader(ImageList(paths, eval_transform(args.image_size)), args, device, batch_size=EMBED_BATCH)
+    features = []
+    for images, _ in loader:
         with autocast(device):
-            yield index.to(device), net(to_device(images, device)).float()
+            features.append(backbone(to_device(images, device)).float())
+    backbone.train(was_training)
+    return torch.cat(features) if features else torch.empty(0, backbone.inplanes, device=device)
 
 
-def batch_norms(net):
-    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def embed_for_knn(backbone, bank, queries, args, device):
+    """The inputs of knn_accuracy from (paths, labels) pairs: this rank's contiguous shard of the
+    L2-normalised bank features (dist_softmax.shard_range) with the id of its first row, every bank
+    label, and all the queries' features and labels on every rank."""
+    def shard(paths):
+        start, end = dsm.shard_range(len(paths), dsm.get_rank(), dsm.get_world_size())
+        return F.normalize(embed(backbone, paths[start:end], args, device), dim=1), start
+    (bank_x, start), (query_x, _) = shard(bank[0]), shard(queries[0])
+    labels = [torch.tensor(labels, device=device) for labels in (bank[1], queries[1])]
+    return bank_x, start, labels[0], dsm.all_gather_shards(query_x, len(queries[0])), labels[1]
 
 
-def set_bn_mode(net, mode):
-    """Figure 4's readings of BN during the prior pass; returns hooks to remove after it.
-    running: training mode, each batch normalised by its own statistics; the saved statistics
-    become the plain average over the pass (momentum None). ema: each batch normalised by the
-    running averages it has just updated (momentum 0.1, started from the first batch's statistics):
-    "a weighted average of ... features extracted in previous iterations". fixed: eval mode."""
-    net.train(mode == "running")
-    for bn in batch_norms(net):
-        bn.reset_running_stats()
-        bn.momentum = None if mode == "running" else 0.1
-    return [bn.register_forward_pre_hook(_update_running_stats) for bn in batch_norms(net)] if mode == "ema" else []
-
-
-def _update_running_stats(bn, inputs):
-    x = inputs[0].float()
-    dims = [0] + list(range(2, x.dim()))
-    weight = 1.0 if bn.num_batches_tracked == 0 else bn.momentum
-    bn.running_mean.lerp_(x.mean(dims), weight)
-    bn.running_var.lerp_(x.var(dims), weight)  # unbiased, as BN's own running_var
-    bn.num_batches_tracked += 1
-
-
-def merge_bn_averages(net):
-    """After a pass: every rank's statistics averaged, weighted by each rank's batch count (with
-    --bn running they then do not depend on the process count); momentum back to 0.1."""
-    for bn in batch_norms(net):
-        if dsm.get_world_size() > 1:
-            count = bn.num_batches_tracked.to(bn.running_mean)
-            totals = torch.cat([bn.running_mean * count, bn.running_var * count, count.view(1)])
-            torch.distributed.all_reduce(totals)
-            width = len(bn.running_mean)
-            bn.running_mean.copy_(totals[:width] / totals[-1].clamp_min(1))
-            bn.running_var.copy_(totals[width:2 * width] / totals[-1].clamp_min(1))
-            bn.num_batches_tracked.fill_(int(totals[-1]))
-        bn.momentum = 0.1
-
-
-@torch.no_grad()
-def retrieval_top1(rows, labels, samples, seed, device, chunk=65536):
-    """Share of queries whose most cosine-similar other row has the same folder class, the chance
-    of that for a random other row (sum_c n_c (n_c - 1) / N (N - 1)), and the number of queries."""
-    labels = torch.as_tensor(labels)
-    n = rows.shape[0]
-    query = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:samples]  # not prior_batches' draw
-    q = F.normalize(rows[query].to(device).float(), dim=1)
-    best_val = torch.full((len(query),), -float("inf"), device=device)
-    best_idx = torch.zeros(len(query), dtype=torch.long, device=device)
-    for c0 in range(0, n, chunk):
-        s = q @ F.normalize(rows[c0:c0 + chunk].to(device).float(), dim=1).t()
-        own = (query.to(device) >= c0) & (query.to(device) < c0 + s.shape[1])
-        s[own.nonzero()[:, 0], query.to(device)[own] - c0] = -float("inf")  # never the query itself
-        val, idx = s.max(1)
-        better = val > best_val
-        best_val[better], best_idx[better] = val[better], idx[better] + c0
-    hits = (labels[best_idx.cpu()] == labels[query]).double().mean().item()
-    sizes = torch.bincount(labels).double()
-    chance = ((sizes * (sizes - 1)).sum() / (n * (n - 1))).item()
-    return hits, chance, len(query)
-
-
-@torch.no_grad()
-def view_cosine_gap(net, paths, args, device, batch_size=64):
-    """Figure 4's similarity gap: mean cosine of the embeddings of two augmented views of one
-    instance, and of views of two different instances, on a fixed sample, with BN as in the pass.
-    A copy of the network is used so that its BN statistics stay as they were saved."""
-    net = copy.deepcopy(net).train(args.bn == "running")  # ema: the pass's final averages
-    generator = torch.Generator().manual_seed(args.seed + 2)
-    sample = torch.randperm(len(paths), generator=generator)[:args.diagnostic_samples].tolist()
-    torch.manual_seed(args.seed + 3)  # the augmentations drawn below
-    dataset = ImageList([paths[i] for i in sample], TwoViews(train_transform(args.image_size)))
-    batch_size = min(batch_size, len(sample))
-    # Whole batches only: BN in training mode would normalise a last batch of one or two alone.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(sample) > batch_size)
-    first, second = [], []
-    for views, _ in loader:
-        with autocast(device):
-            z = net(to_device(views.flatten(0, 1), device)).float().view(views.shape[0], 2, -1)
-        first.append(F.normalize(z[:, 0], dim=1))
-        second.append(F.normalize(z[:, 1], dim=1))
-    first, second = torch.cat(first), torch.cat(second)
-    same = (first * second).sum(1).mean().item()
-    other = (first * second.roll(1, dims=0)).sum(1).mean().item()  # instance i against i - 1
-    return same, other
+def knn_accuracy(bank_x, bank_start, bank_labels, queries, query_labels, num_classes, ks, temperature=0.07,
+                 chunk_size=4096):
+    """{k: (top-1 %, top-5 %)} of weighted kNN: the k bank rows most similar to a query (over every
+    rank's shard) vote for their class with weight exp(sim / temperature); the same on every rank."""
+    hits = {k: torch.zeros(2, dtype=torch.float64, device=queries.device) for k in ks}
+    for q0 in range(0, len(queries), chunk_size):
+        values, ids = dsm.nearest_rows(queries[q0:q0 + chunk_size], bank_x, max(ks), bank_start, chunk_size=chunk_size)
+        for k in ks:  # padding (fewer than k rows: id -1, similarity -inf) weighs 0
+            scores = torch.zeros(len(values), num_classes, device=queries.device).scatter_add_(
+                1, bank_labels[ids[:, :k]], (values[:, :k] / temperature).exp())
+            top = scores.topk(min(5, num_classes), dim=1).indices == query_labels[q0:q0 + chunk_size, None]
+            hits[k] += torch.stack([top[:, 0].sum(), top.any(1).sum()]).double()
+    return {k: tuple((100 * hits[k] / max(len(queries), 1)).tolist()) for k in ks}
 
 
 if __name__ == "__main__":

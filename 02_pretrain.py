@@ -1,43 +1,38 @@
 """Stage 02: unsupervised pretraining as an N-way instance classifier (hybrid parallelism).
 
-Implements the paper's training (Eq. 1-3 and steps 1-8 of the distributed step): every training
-image is its own class. Backbone + MLP head are data-parallel (DDP); the N x 128 cosine
-classifier is split by rows over the processes (dist_softmax.DistCosineSoftmax, kept outside
-DDP with its own SGD; steps 2-7 live there). Each instance of the global batch contributes two
-augmented views (SimCLR-style). The rows start from RUN/init.pt (01: the contrastive prior). With
---alpha > 0 the target of each view is smoothed onto its k hardest classes (Eq. 2-3), mined once
-per epoch by 03_hard_classes. Read main, train_one_epoch and train_step for the paper; the rest of
-the file is the data path, the kNN curve, and machinery 04 and 05 share (resume, logging).
+The paper's training (Eq. 1-3, steps 1-8 of Figure 2): every training image is its own class.
+Backbone + MLP head are data-parallel (DDP); the N x 128 cosine classifier is split by rows over the
+processes (dist_softmax.DistCosineSoftmax, outside DDP with its own SGD; steps 2-7 live there). Each
+instance of the global batch gives two views under SimCLR's augmentation (--jitter mocov2: MoCo v2's
+weaker colour jitter). The rows start from RUN/init.pt (01: the contrastive prior). With --alpha > 0
+each view's target is smoothed onto its k hardest classes (Eq. 2-3), mined every epoch by 03.
+--sample-classes M runs Table 3's sampled softmax instead of the full one.
 
-SGD, momentum 0.9, weight decay 1e-4 on every parameter (the N rows included: their decay sets how
-fast a row turns, which depends on N; the log shows it), lr = --lr x batch / 4096 (the scaled
-value is printed), linear warm-up for --warmup-epochs then cosine decay, set every step. Defaults
-are the paper's (--epochs 200: its ablations; 1000 for its headline result).
+SGD, momentum 0.9, weight decay 1e-4 on every parameter (the rows included: their decay sets how
+fast a row turns, which depends on N; the log shows it), lr = --lr x batch / 4096 (printed), linear
+warm-up for --warmup-epochs then cosine, set every step. Defaults are the paper's (--epochs 200:
+its ablations; 1000 for its headline result).
 
 Writes to RUN (--out):
-  checkpoint.pt       every epoch, atomically: network, classifier rows + momentum, optimiser,
-                      epoch, step; loads on any process count. A rerun of the same command
-                      resumes from it (02's resume_from refuses other settings). With the same
-                      process count, --workers and --data-path it continues bit-identically;
-                      with others it continues with other crops. A larger --epochs continues the
-                      run with its cosine stretched to the new length.
-  pretrain_log.jsonl  one JSON line per progress line and per epoch; the epoch line also holds
-                      the mean row norm |w|, the mean angle a row turns in the step its instance
-                      is in the batch (the rows' speed), and the kNN curve
-  backbone.pt         at the end: the backbone state_dict under torchvision's key names
-                      (loads into torchvision.models.<arch>() with only fc.* missing; at
-                      <= 64 px into one with the same small stem, see 01's build_backbone)
+  checkpoint.pt       every epoch, atomically: network, rows + momentum, optimiser, epoch, step;
+                      loads on any process count. The same command resumes from it (01's
+                      resume_from refuses other settings): bit-identically with the same process
+                      count, --workers and --data-path, with other crops otherwise. A larger
+                      --epochs continues the run with its cosine stretched to the new length.
+  pretrain_log.jsonl  a JSON line per progress line and per epoch (mean row norm |w|, the angle a
+                      row turns per visit, the kNN curve); each step and epoch once after any stop
+  backbone.pt         at the end: the backbone under torchvision's key names (loads into
+                      torchvision.models.<arch>() with only fc.* missing; <= 64 px: the small stem)
 
-The kNN curve: when ROOT/val exists, every --knn-every epochs and after the last, the weighted
-kNN top-1 (k = 20) of the current backbone on val, with a fixed sample of at most 10,000
-training images as the memory bank (04's protocol, sharded over the processes). By default the
-interval keeps its cost under 5% of the training time: an epoch costs about 6 N image passes
-(two views, forward and backward), a kNN round bank + val forward passes.
+The kNN curve: when ROOT/val exists, every --knn-every epochs and after the last, 01's weighted
+kNN top-1 (k = 20, 04's protocol) of the backbone on val, with at most 10,000 training images as the
+bank; by default the interval keeps its cost under 5% of training. Rank 0's BN statistics are
+broadcast first, so the curve scores exactly the network backbone.pt holds.
 
-The views come from loader workers running 01's train_transform (--data-path pil), or, by default
-on CUDA, from the device path: workers read file bytes, the device decodes and augments a whole
-batch (DeviceViews). The progress line's "data" share is the time the loop waits for a batch,
-including, on the device path, the launch of its decoding and augmentation.
+The views come from loader workers running 01's train_transform (--data-path pil, the default), or
+from the device path: workers read file bytes, the device decodes and augments a whole batch
+(DeviceViews; tested on CPU, not yet run on a GPU). The progress line's "data" share is the time the
+loop waits for a batch, including the device path's decoding and augmentation.
 
 Commands:
   python 02_pretrain.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 \\
@@ -48,11 +43,8 @@ Commands:
 Run 01_extract_init.py with the same --data, --out, --arch and --image-size first.
 """
 import importlib
-import json
 import math
 import os
-import random
-import resource
 import time
 
 import numpy as np
@@ -64,32 +56,31 @@ import torchvision
 import dist_softmax as dsm
 
 extract_init = importlib.import_module("01_extract_init")
-fail = dsm.fail
-number = extract_init.number
-RATE, NON_NEGATIVE, FRACTION = number(float, 0, open_low=True), number(float, 0), number(float, 0, 1, open_high=True)
+hard_classes = importlib.import_module("03_hard_classes")  # Eq. 2's hard classes, refreshed every epoch
+fail, log, POSITIVE = extract_init.fail, extract_init.log, extract_init.POSITIVE
 
 parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=200, batch_size=4096)
-parser.add_argument("--lr", type=RATE, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
-parser.add_argument("--momentum", type=FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=1e-4)
-parser.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=10)
+parser.add_argument("--lr", type=extract_init.RATE, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
+parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=1e-4)
+parser.add_argument("--warmup-epochs", type=extract_init.NON_NEGATIVE, default=10)
 parser.add_argument("--temperature", type=extract_init.number(float, 0.025), default=0.15,
                     help="tau of Eq. 1; >= 0.025 keeps exp(1 / tau) inside fp32 without a max (see dist_softmax)")
-parser.add_argument("--alpha", type=FRACTION, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
-parser.add_argument("--hard-k", type=extract_init.POSITIVE, default=100, help="hard classes per instance, k of Eq. 2")
-parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=None,
+parser.add_argument("--alpha", type=extract_init.FRACTION, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
+parser.add_argument("--hard-k", type=POSITIVE, default=100, help="hard classes per instance, k of Eq. 2")
+parser.add_argument("--sample-classes", type=POSITIVE, default=None, metavar="M",
+                    help="Table 3: each step's softmax over about M classes (the batch's targets plus classes "
+                         "drawn uniformly from the rest) instead of all N")
+parser.add_argument("--jitter", default="simclr", choices=["simclr", "mocov2"],
+                    help="colour jitter of the views: SimCLR's strength 1 (the paper cites SimCLR), or MoCo v2's half")
+parser.add_argument("--chunk-size", type=POSITIVE, default=None,
                     help="classifier rows per logits block (bounds memory; default: all local rows)")
-parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=10, help="steps between progress lines")
+parser.add_argument("--print-freq", type=POSITIVE, default=10, help="steps between progress lines")
 parser.add_argument("--data-path", default="pil", choices=["pil", "device"],
                     help="pil: decode and augment in loader workers (01's train_transform); device: workers only "
                          "read the files, decoding (JPEG on the GPU) and the same augmentation run batched on the "
                          "device (not yet run on a GPU, so not the default)")
-parser.add_argument("--jitter", default="simclr", choices=["simclr", "mocov2"],
-                    help="colour jitter of the views: SimCLR's strength 1 (the paper cites SimCLR), or MoCo v2's half")
-parser.add_argument("--sample-classes", type=extract_init.POSITIVE, default=None, metavar="M",
-                    help="Table 3: each step's softmax over about M classes (the batch's targets plus classes "
-                         "drawn uniformly from the rest) instead of all N")
 parser.add_argument("--cache-images", action="store_true",
                     help="device path: decode every training image once and keep it (uint8) in device memory")
 parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metavar="E",
@@ -100,20 +91,18 @@ parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metava
 RESUME_SETTINGS = ("arch", "image_size", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs",
                    "temperature", "alpha", "hard_k", "seed", "jitter", "sample_classes")
 KNN_SAMPLE = 10000  # at most this many training images (the bank) and val images (scored) in the kNN curve
-EMBED_BATCH = 256  # images per process and batch when embedding for an evaluation (the same in every stage)
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    with dsm.stage(args) as device:
+    with extract_init.stage(args) as device:
         world = dsm.get_world_size()
-        log = print if dsm.is_main() else (lambda *a, **k: None)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
         # ---- data: instance i is image i of the sorted training list; two views each ----
         paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
-        fingerprint = extract_init.check_data_fingerprint(args.out, paths, args.data)
+        fingerprint = extract_init.check_data(args.out, paths, args.data)
         settings = {"stage": "02_pretrain", "data": fingerprint["sha256"], **{k: getattr(args, k) for k in RESUME_SETTINGS}}
         init = load_init(args, fingerprint)
         local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
@@ -138,47 +127,45 @@ def main(argv=None):
             f"lr {args.lr} x {args.batch_size}/4096 = {base_lr:.6g}")
         if args.warmup_epochs >= args.epochs:
             log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the lr never reaches {base_lr:.6g}")
-        mining, k = hard_class_miner(args, len(paths), log)
-        knn = KnnCurve(args, paths, labels, classes, device, log)
-
-        # ---- resume ----
-        start_epoch, global_step = resume(args, settings, net, classifier, optimizers, log)
+        k = min(args.hard_k, len(paths) - 1) if args.alpha > 0 else 0
+        if 0 < k < args.hard_k:
+            log(f"note: --hard-k {args.hard_k} clamped to {k} (N - 1 other classes exist)")
+        knn = KnnCurve(args, paths, labels, classes, device)
+        start_epoch, global_step = resume(args, settings, net, classifier, optimizers)
         train_seconds = 0.0
 
         # ---- the training loop ----
         for epoch in range(start_epoch, args.epochs):
-            # The RNG state is a function of (--seed, epoch, rank): reseeding here makes a resumed epoch
-            # draw exactly the crops of an uninterrupted one, and needs no generator in the checkpoint.
-            seed_everything(step_seed(args.seed, epoch, dsm.get_rank()))
-            dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in checkpoint.pt)"
+            # The RNG state is a function of (--seed, epoch, rank): a resumed epoch draws exactly the
+            # crops of an uninterrupted one, with no generator in the checkpoint.
+            extract_init.seed_everything(extract_init.step_seed(args.seed, epoch, dsm.get_rank()))
+            extract_init.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in checkpoint.pt)"
             sampler.set_epoch(epoch)
             table = None
-            if mining is not None:
-                # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's rows).
+            if k:  # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's)
                 t0 = time.perf_counter()
-                table, _ = mining.mine_hard_classes(classifier, k)
+                table, _ = hard_classes.mine_hard_classes(classifier, k)
                 log(f"epoch {epoch}: {k} hard classes per instance mined in {time.perf_counter() - t0:.1f} s")
-            record = train_one_epoch(model, classifier, optimizers, batches(epoch), steps, table, mining, args,
-                                     epoch, base_lr, global_step, device)
+            record = train_one_epoch(model, classifier, optimizers, batches(epoch), steps, table, args, epoch,
+                                     base_lr, global_step, device)
             global_step, train_seconds = record["global_step"], train_seconds + record["epoch_s"]
-            dsm.broadcast_buffers(net)  # one set of BN statistics for the kNN curve, the files and the next epoch
+            dsm.broadcast_buffers(net)  # rank 0's BN statistics: for the kNN curve, the files and the next epoch
             if knn.due(epoch):
                 record["knn_top1"] = knn.measure(net.backbone, epoch)
-            save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step)
-            if dsm.is_main():
-                write_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
-                log(f"epoch {epoch} done in {record['epoch_s']:.1f} s, mean loss {record['epoch_loss']:.4f}, "
-                    f"rows |w| {record['row_norm']:.4f} turning {record['row_turn_deg']:.3f} deg per visit"
-                    + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else "")
-                    + f"; wrote {os.path.join(args.out, 'checkpoint.pt')}")
+            rows = dsm.gather_classifier(classifier, optimizers[1])  # every rank takes part
+            extract_init.save_for_resume(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0],
+                                         classifier=rows, epoch=epoch, step=global_step, args=vars(args))
+            extract_init.append_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
+            log(f"epoch {epoch} done in {record['epoch_s']:.1f} s, mean loss {record['epoch_loss']:.4f}, "
+                f"rows |w| {record['row_norm']:.4f} turning {record['row_turn_deg']:.3f} deg per visit"
+                + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else "")
+                + f"; wrote {os.path.join(args.out, 'checkpoint.pt')}")
 
         # ---- the pretrained backbone, under torchvision's key names ----
         knn.summary(train_seconds)
         if dsm.is_main():
-            backbone_path = os.path.join(args.out, "backbone.pt")
-            extract_init.atomic_save({key: value.detach().cpu() for key, value in net.backbone.state_dict().items()},
-                            backbone_path)
-            log(f"wrote {backbone_path} ({args.arch}, {args.image_size} px)")
+            extract_init.atomic_save(extract_init.cpu_state(net.backbone), os.path.join(args.out, "backbone.pt"))
+            log(f"wrote {os.path.join(args.out, 'backbone.pt')} ({args.arch}, {args.image_size} px)")
 
 
 # ---------------------------------------------------------------- setup
@@ -202,25 +189,23 @@ def load_init(args, fingerprint):
 def training_batches(paths, args, local_batch, device):
     """(batches, sampler, steps per epoch): batches(epoch) yields ((views [2b, 3, S, S] on `device`,
     the two views of instance i side by side, instance ids [b]), seconds spent waiting for them),
-    for this rank's share of a new order every epoch (sampler.set_epoch). --data-path pil: 01's
-    train_transform in loader workers (no persistent workers: each epoch's workers are seeded from
-    that epoch's reseeded RNG); device: DeviceViews, with parameters drawn from a generator seeded
-    by (--seed, epoch, rank), so a resumed epoch draws what an uninterrupted one drew."""
+    for this rank's share of a new order every epoch (sampler.set_epoch). pil: 01's train_transform
+    in loader workers, seeded from the epoch's reseeded RNG; device: DeviceViews, its parameters
+    drawn from a generator seeded by (--seed, epoch, rank)."""
     world, rank = dsm.get_world_size(), dsm.get_rank()
     if len(paths) // world < local_batch:
         fail(f"--batch-size {args.batch_size} exceeds the {len(paths)} training images "
              f"({len(paths) // world} per process); use a smaller --batch-size")
-    on_device = args.data_path == "device"
-    if args.cache_images and not on_device:
+    if args.cache_images and args.data_path != "device":
         fail("--cache-images keeps decoded images for the device data path; add --data-path device")
-    if on_device:
+    if args.data_path == "device":
         source = DeviceViews(paths, args, device)
     else:
         source = extract_init.ImageList(paths, extract_init.TwoViews(extract_init.train_transform(args.image_size,
                                                                                                   args.jitter)))
     sampler = torch.utils.data.DistributedSampler(source, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
-    if on_device:
+    if args.data_path == "device":
         return (lambda epoch: source.batches(sampler, local_batch, epoch)), sampler, len(sampler) // local_batch
     loader = extract_init.data_loader(source, args, device, batch_size=local_batch, sampler=sampler, drop_last=True)
 
@@ -230,22 +215,12 @@ def training_batches(paths, args, local_batch, device):
     return batches, sampler, len(loader)
 
 
-def hard_class_miner(args, num_classes, log):
-    """(03_hard_classes module, k) when smoothing is on (--alpha > 0), else (None, 0)."""
-    if args.alpha == 0:
-        return None, 0
-    k = min(args.hard_k, num_classes - 1)
-    if k < args.hard_k:
-        log(f"note: --hard-k {args.hard_k} clamped to {k} (N - 1 other classes exist)")
-    return importlib.import_module("03_hard_classes"), k
-
-
-def resume(args, settings, net, classifier, optimizers, log):
-    """Continue from RUN/checkpoint.pt when it exists (resume_from: written with the same settings);
-    returns (first epoch to train, global step)."""
-    ckpt = resume_from(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0])
+def resume(args, settings, net, classifier, optimizers):
+    """Continue from RUN/checkpoint.pt when it exists (written with the same settings); drop the
+    log lines of an epoch that did not finish. Returns (first epoch to train, global step)."""
+    ckpt = extract_init.resume_from(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0])
     done = 0 if ckpt is None else ckpt["epoch"] + 1
-    trim_log(os.path.join(args.out, "pretrain_log.jsonl"), done)  # drop what an unfinished epoch logged
+    extract_init.append_log(os.path.join(args.out, "pretrain_log.jsonl"), None, epochs_done=done)
     if ckpt is None:
         return 0, 0
     dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
@@ -256,57 +231,39 @@ def resume(args, settings, net, classifier, optimizers, log):
     return done, ckpt["step"]
 
 
-def save_checkpoint(args, settings, net, classifier, optimizers, epoch, global_step):
-    """RUN/checkpoint.pt, atomically; every rank takes part in gathering the rows."""
-    rows = dsm.gather_classifier(classifier, optimizers[1])
-    save_for_resume(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0], classifier=rows,
-                    epoch=epoch, step=global_step, args=vars(args))
-
-
 # ---------------------------------------------------------------- one epoch (steps 1-8)
 
-def train_one_epoch(model, classifier, optimizers, batches, steps, table, mining, args, epoch, base_lr,
-                    global_step, device):
+def train_one_epoch(model, classifier, optimizers, batches, steps, table, args, epoch, base_lr, global_step, device):
     """One pass over the data: per step the lr of the schedule, the two views of each local instance
     (label = its instance id, Eq. 2's hard classes from `table`), train_step. Returns the epoch's
     record: mean loss, the rows' mean norm and turn per visit, time and the global step reached."""
     model.train()
     start = time.perf_counter()
-    meter, total_loss, turn = Meter(), 0.0, torch.zeros(2, dtype=torch.float64, device=device)
+    meter, total_loss, turn = extract_init.Meter(), 0.0, torch.zeros(2, dtype=torch.float64, device=device)
     for i, ((images, ids), wait) in enumerate(batches):
-        meter.wait += wait
-        lr = learning_rate(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
+        lr = extract_init.cosine_lr(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
         labels = ids.repeat_interleave(2)  # images [2b, C, H, W]: both views of instance i have class i
-        hard = None
-        if table is not None:
-            hard = mining.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)  # from their owners
+        hard = None if table is None else hard_classes.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
         visited = classifier.local_rows(dsm.all_gather_rows(ids))  # this batch's rows that live here
         before = classifier.weight.detach()[visited]
-        sample = None if args.sample_classes is None else (args.sample_classes, step_seed(args.seed, global_step, 0))
+        sample = None if args.sample_classes is None else (args.sample_classes, extract_init.step_seed(args.seed, global_step))
         loss = train_step(model, classifier, optimizers, images, labels, hard, args.alpha, sample, device)
-        if not math.isfinite(loss):
-            ckpt_path = os.path.join(args.out, "checkpoint.pt")
-            kept = f"{ckpt_path} holds the last good epoch" if os.path.isfile(ckpt_path) else "no checkpoint was written yet"
-            fail(f"loss is {loss} at epoch {epoch} step {i}; stopped, {kept}; rerunning resumes with the same "
-                 "settings: for a lower --lr or longer --warmup-epochs, use a new --out")
+        checkpoint = os.path.join(args.out, "checkpoint.pt")
+        extract_init.stop_if_not_finite(loss, f"epoch {epoch} step {i}", (
+            f"{checkpoint} holds the last good epoch" if os.path.isfile(checkpoint) else "no checkpoint was written yet")
+            + "; rerunning resumes with the same settings: for a lower --lr or longer --warmup-epochs, use a new --out")
         turn += torch.stack([row_turn_degrees(before, classifier.weight.detach()[visited]).sum(),
                              torch.tensor(float(len(visited)), device=device)]).double()
-        global_step += 1
-        total_loss += loss
-        meter.add(loss)
+        global_step, total_loss = global_step + 1, total_loss + loss
+        meter.add(loss, wait)
         if (i + 1) % args.print_freq == 0 or i + 1 == steps:
-            steps_left = (args.epochs - epoch) * steps - i - 1
-            record = meter.report(epoch, i + 1, steps, global_step, lr, 2 * args.batch_size,
-                                  args.batch_size, steps_left, device)
-            if dsm.is_main():
-                print(f"epoch {epoch} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
-                      f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
-                      f"eta {format_seconds(record['eta_s'])} mem {record['peak_mem_gib']:.2f}G", flush=True)
-                write_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
-            meter = Meter()
+            record = meter.line(f"epoch {epoch} step {i + 1}/{steps}", lr, 2 * args.batch_size,
+                                (args.epochs - epoch) * steps - i - 1, device, epoch=epoch, step=i + 1, steps=steps,
+                                global_step=global_step)
+            extract_init.append_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
     row_norm = classifier.weight.detach().norm(dim=1).sum().double().view(1)
     if classifier.world_size > 1:
         dist.all_reduce(turn)
@@ -316,14 +273,14 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, mining
             "row_turn_deg": (turn[0] / turn[1].clamp_min(1)).item()}
 
 
-def train_step(model, classifier, optimizers, images, labels, hard_classes, alpha, sample, device):
+def train_step(model, classifier, optimizers, images, labels, hard, alpha, sample, device):
     """One step of the paper's Figure 2. Returns the loss; a non-finite one changes nothing (the
     caller stops, and the last checkpoint stays the run's state)."""
     with extract_init.autocast(device):  # bf16 products on CUDA; the softmax stays fp32 (dist_softmax)
         features = model(images)  # step 1: this rank's views through backbone + head (DDP)
         # Steps 2-7 inside dist_softmax.DistCosineSoftmax: gather the global batch, cosine logits
         # against the local rows, one all_reduce for Eq. 1 / Eq. 3, the loss on every rank.
-        loss = classifier(features, labels, hard_classes, alpha, sample)
+        loss = classifier(features, labels, hard, alpha, sample)
     value = loss.item()  # the same on every rank: the classifier all-reduces it
     if not math.isfinite(value):
         return value
@@ -359,12 +316,46 @@ def row_turn_degrees(before, after):
     return torch.rad2deg(2 * torch.atan2((a - b).norm(dim=1), (a + b).norm(dim=1)))
 
 
-def learning_rate(base_lr, progress, warmup_epochs, epochs):
-    """Linear warm-up over warmup_epochs, then cosine to 0 at `epochs`; progress in epochs."""
-    if progress < warmup_epochs:
-        return base_lr * progress / warmup_epochs
-    t = min(1.0, (progress - warmup_epochs) / max(epochs - warmup_epochs, 1e-12))
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+# ---------------------------------------------------------------- the kNN curve
+
+class KnnCurve:
+    """01's weighted kNN top-1 (k = 20) of the backbone on ROOT/val during training (see the
+    docstring); the bank and the scored val images are fixed samples of at most KNN_SAMPLE."""
+
+    def __init__(self, args, paths, labels, classes, device):
+        self.args, self.device, self.seconds, self.every = args, device, 0.0, 0
+        has_val = any(name.lower().endswith(extract_init.IMAGE_EXTENSIONS)
+                      for _, _, files in os.walk(os.path.join(args.data, "val")) for name in files)
+        if args.knn_every and not has_val:
+            fail(f"--knn-every {args.knn_every} needs {os.path.join(args.data, 'val')}; add it or pass --knn-every 0")
+        if args.knn_every == 0 or not has_val:
+            return
+        val_paths, val_labels = extract_init.list_val_images(args.data, classes)
+        bank = extract_init.fixed_sample(len(paths), KNN_SAMPLE, args.seed)
+        val = extract_init.fixed_sample(len(val_paths), KNN_SAMPLE, args.seed)
+        self.bank = [paths[i] for i in bank], [labels[i] for i in bank]
+        self.val = [val_paths[i] for i in val], [val_labels[i] for i in val]
+        self.num_classes = len(classes)
+        cost = (len(bank) + len(val)) / (6 * len(paths))  # a round's image passes per epoch's
+        self.every = args.knn_every or max(1, math.ceil(cost / 0.05))
+        log(f"kNN curve: every {self.every} epoch(s) and after the last, {len(bank)} training images as "
+            f"the bank, {len(val)} val images (about {100 * cost / self.every:.1f}% of the training time)")
+
+    def due(self, epoch):
+        return self.every != 0 and ((epoch + 1) % self.every == 0 or epoch + 1 == self.args.epochs)
+
+    def measure(self, backbone, epoch):
+        t0 = time.perf_counter()
+        inputs = extract_init.embed_for_knn(backbone, self.bank, self.val, self.args, self.device)
+        top1 = extract_init.knn_accuracy(*inputs, self.num_classes, [20])[20][0]
+        self.seconds += time.perf_counter() - t0
+        log(f"epoch {epoch}: kNN top-1 (k=20) {top1:.2f} on {len(self.val[0])} val images")
+        return top1
+
+    def summary(self, train_seconds):
+        if self.seconds:
+            log(f"kNN curve: {self.seconds:.1f} s in all, {100 * self.seconds / max(train_seconds, 1e-9):.1f}% "
+                f"of the {train_seconds:.1f} s of training")
 
 
 # ---------------------------------------------------------------- the device data path
@@ -390,10 +381,10 @@ class DeviceViews(torch.utils.data.Dataset):
         try:  # read_file's tensor is marked shared and cannot be sent from a worker again: send a copy
             return torchvision.io.read_file(self.paths[index]).clone(), index
         except RuntimeError as e:  # missing, a broken link, unreadable
-            raise dsm.InputError(extract_init.bad_image(self.paths[index], e)) from None
+            raise extract_init.InputError(extract_init.bad_image(self.paths[index], e)) from None
 
     def loader(self, batches):
-        return extract_init.data_loader(self, self.args, self.device, batch_sampler=batches, collate_fn=collate_lists)
+        return extract_init.data_loader(self, self.args, self.device, batch_sampler=batches, collate_fn=extract_init.collate_lists)
 
     def decode(self, encoded, ids):
         """uint8 [3, H, W] images on the device; what torchvision cannot decode to 8-bit RGB goes
@@ -418,7 +409,7 @@ class DeviceViews(torch.utils.data.Dataset):
     def batches(self, sampler, local_batch, epoch):
         """One epoch of ((views [2b, 3, S, S], ids [b]) on the device, seconds spent on them)."""
         # A stream of its own (not the global RNG's seed), a function of (--seed, epoch, rank): resumable.
-        generator = torch.Generator().manual_seed(step_seed(self.args.seed, epoch, dsm.get_rank()) + (1 << 40))
+        generator = torch.Generator().manual_seed(extract_init.step_seed(self.args.seed, epoch, dsm.get_rank()) + (1 << 40))
         order = list(sampler)
         batches = [order[i:i + local_batch] for i in range(0, len(order) - local_batch + 1, local_batch)]
         source = ((None, batch) for batch in batches) if self.cache is not None else self.loader(batches)
@@ -458,7 +449,7 @@ class SimCLRViews:
             for op in range(4):
                 pick = (p["jitter"] & (p["order"][:, position] == op)).nonzero()[:, 0]
                 if len(pick):
-                    x[pick] = JITTER[op](x[pick], p["factor"][pick, op]).clamp(0, 1)
+                    x[pick] = COLOUR_OPS[op](x[pick], p["factor"][pick, op]).clamp(0, 1)
         x = torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
         pick = p["blur"].nonzero()[:, 0]
         if len(pick):
@@ -524,7 +515,7 @@ def shift_hue(x, shift):
     return value[:, None] * (1 - saturation[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-JITTER = (lambda x, f: x * f[:, None, None, None],  # brightness: blend with black
+COLOUR_OPS = (lambda x, f: x * f[:, None, None, None],  # brightness: blend with black
           lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * grayscale(x).mean((1, 2, 3), keepdim=True),
           lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * grayscale(x),  # saturation
           shift_hue)
@@ -541,269 +532,6 @@ def gaussian_blur(x, sigma, kernel):
     y = F.pad(x.reshape(1, n * c, height, width), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, weights[:, None, :, None], groups=n * c)
     return F.conv2d(y, weights[:, None, None, :], groups=n * c).view(n, c, height, width)
-
-
-def collate_lists(items):
-    """A batch as lists (of file bytes, of boxes...), for items that cannot be stacked."""
-    return tuple(list(column) for column in zip(*items))
-
-
-# ---------------------------------------------------------------- the kNN curve
-
-class KnnCurve:
-    """Weighted kNN top-1 (k = 20) of the backbone on ROOT/val during training (see the docstring).
-    The bank and the scored val images are fixed samples of at most KNN_SAMPLE, drawn with --seed."""
-
-    def __init__(self, args, paths, labels, classes, device, log):
-        self.args, self.device, self.log, self.seconds, self.every = args, device, log, 0.0, 0
-        has_val = any(name.lower().endswith(extract_init.IMAGE_EXTENSIONS)
-                      for _, _, files in os.walk(os.path.join(args.data, "val")) for name in files)
-        if args.knn_every and not has_val:
-            fail(f"--knn-every {args.knn_every} needs {os.path.join(args.data, 'val')}; add it or pass --knn-every 0")
-        if args.knn_every == 0 or not has_val:
-            return
-        val_paths, val_labels = list_val_images(args.data, classes)
-        bank, val = fixed_sample(len(paths), KNN_SAMPLE, args.seed), fixed_sample(len(val_paths), KNN_SAMPLE, args.seed)
-        self.bank = [paths[i] for i in bank], [labels[i] for i in bank]
-        self.val = [val_paths[i] for i in val], [val_labels[i] for i in val]
-        self.num_classes = len(classes)
-        cost = (len(bank) + len(val)) / (6 * len(paths))  # a round's image passes per epoch's
-        self.every = args.knn_every or max(1, math.ceil(cost / 0.05))
-        log(f"kNN curve: every {self.every} epoch(s) and after the last, {len(bank)} training images as "
-            f"the bank, {len(val)} val images (about {100 * cost / self.every:.1f}% of the training time)")
-
-    def due(self, epoch):
-        return self.every != 0 and ((epoch + 1) % self.every == 0 or epoch + 1 == self.args.epochs)
-
-    def measure(self, backbone, epoch):
-        t0 = time.perf_counter()
-        bank_x, bank_y, val_x, val_y = embed_for_knn(backbone, self.bank, self.val, self.args, self.device)
-        top1 = knn_accuracy(bank_x, bank_y, val_x, val_y, self.num_classes, [20])[20][0]
-        self.seconds += time.perf_counter() - t0
-        self.log(f"epoch {epoch}: kNN top-1 (k=20) {top1:.2f} on {len(val_y)} val images")
-        return top1
-
-    def summary(self, train_seconds):
-        if self.seconds:
-            self.log(f"kNN curve: {self.seconds:.1f} s in all, {100 * self.seconds / max(train_seconds, 1e-9):.1f}% "
-                     f"of the {train_seconds:.1f} s of training")
-
-
-def list_val_images(data_root, classes):
-    """(paths, labels) of ROOT/val with labels indexing `classes` (train's order).
-
-    Two layouts: ImageFolder (val/<class>/..., class folders named as in train/, any subset of them)
-    or tiny-ImageNet's val/images/*.JPEG + val/val_annotations.txt ("file<TAB>class<TAB>box...").
-    """
-    val_dir = os.path.join(data_root, "val")
-    index = {c: i for i, c in enumerate(classes)}
-    annotations = os.path.join(val_dir, "val_annotations.txt")
-    if os.path.isfile(annotations):
-        pairs = []
-        with open(annotations) as f:
-            for number, line in enumerate(f, 1):
-                fields = line.strip().split("\t")
-                if not fields[0]:
-                    continue
-                if len(fields) < 2:
-                    fail(f"{annotations} line {number} has no class column; expected 'file<TAB>class<TAB>...'")
-                pairs.append((fields[0], fields[1]))
-        paths, labels = [], []
-        for name, cls in sorted(pairs):
-            if cls not in index:
-                fail(f"{annotations} labels {name} as class {cls}, which train/ does not have; "
-                     f"use the train/ that belongs to this val/")
-            path = os.path.join(val_dir, "images", name)
-            if not os.path.isfile(path):
-                fail(f"{path} is listed in {annotations} but missing; restore val/images/")
-            paths.append(path)
-            labels.append(index[cls])
-        if not paths:
-            fail(f"{annotations} lists no images")
-        return paths, labels
-    if not os.path.isdir(val_dir):
-        fail(f"{val_dir} not found; the evaluation needs ROOT/val/ (ImageFolder, or tiny-ImageNet's "
-             f"images/ + val_annotations.txt)")
-    paths, folder_labels, folders = extract_init.list_images(val_dir)
-    unknown = [c for c in folders if c not in index]
-    if unknown:
-        fail(f"{val_dir} has class folder(s) {unknown[:3]} that train/ lacks; name val/ folders as in train/")
-    return paths, [index[folders[label]] for label in folder_labels]
-
-
-def fixed_sample(count, limit, seed):
-    """Sorted indices of at most `limit` of `count` items, drawn with `seed` (all of them if count <= limit)."""
-    if count <= limit:
-        return list(range(count))
-    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
-
-
-@torch.no_grad()
-def embed_features(backbone, paths, args, device):
-    """Pooled backbone features [len(paths), width] (float32, on `device`) of the centre crops,
-    BN in eval mode, in the order of `paths`."""
-    was_training = backbone.training
-    backbone.eval()
-    loader = extract_init.data_loader(extract_init.ImageList(paths, extract_init.eval_transform(args.image_size)), args,
-                                      device, batch_size=EMBED_BATCH)
-    features = []
-    for images, _ in loader:
-        with extract_init.autocast(device):
-            features.append(backbone(extract_init.to_device(images, device)).float())
-    backbone.train(was_training)
-    return torch.cat(features) if features else torch.empty(0, backbone.inplanes, device=device)
-
-
-def embed_shard(backbone, paths, labels, args, device):
-    """This rank's contiguous shard (dist_softmax.shard_range) of L2-normalised features and labels."""
-    start, end = dsm.shard_range(len(paths), dsm.get_rank(), dsm.get_world_size())
-    x = embed_features(backbone, paths[start:end], args, device)
-    return F.normalize(x, dim=1), torch.tensor(labels[start:end], device=device)
-
-
-def embed_for_knn(backbone, bank, queries, args, device):
-    """The inputs of knn_accuracy from (paths, labels) pairs: this rank's shard of the bank, and all
-    the queries on every rank."""
-    bank_x, bank_y = embed_shard(backbone, *bank, args, device)
-    query_x, query_y = embed_shard(backbone, *queries, args, device)
-    count = len(queries[0])
-    return bank_x, bank_y, dsm.all_gather_shards(query_x, count), dsm.all_gather_shards(query_y, count)
-
-
-@torch.no_grad()
-def knn_class_scores(bank_x, bank_y, queries, num_classes, ks, temperature=0.07, chunk_size=4096):
-    """Weighted-kNN class scores {k: [Q, num_classes]} for every k in ks, the same on every rank.
-
-    bank_x / bank_y: this rank's shard of the L2-normalised memory bank (shards may differ in size,
-    or be empty); queries [Q, d]: L2-normalised, the same on every rank. score_c = the sum over the
-    k nearest bank rows of class c of exp(sim / temperature) (k clamped to the bank size). Each rank
-    keeps a running top-k over chunks of its shard (memory Q x (k + chunk)), then one all_gather of
-    the candidates and a top-k over all of them gives the global neighbours."""
-    total = torch.tensor([len(bank_x)], device=queries.device)
-    if dsm.get_world_size() > 1:
-        dist.all_reduce(total)
-    kmax = min(max(ks), int(total))
-    values = torch.full((len(queries), kmax), -math.inf, device=queries.device)
-    classes = torch.zeros(len(queries), kmax, dtype=torch.long, device=queries.device)
-    for c0 in range(0, len(bank_x), chunk_size):
-        values, pick = torch.cat([values, queries @ bank_x[c0:c0 + chunk_size].t()], 1).topk(kmax, dim=1)
-        classes = torch.cat([classes, bank_y[c0:c0 + chunk_size].expand(len(queries), -1)], 1).gather(1, pick)
-    if dsm.get_world_size() > 1:  # [W*Q, kmax] -> [Q, W*kmax]: every rank's candidates of each query
-        values = dsm.all_gather_rows(values).view(-1, *values.shape).transpose(0, 1).flatten(1)
-        classes = dsm.all_gather_rows(classes).view(-1, *classes.shape).transpose(0, 1).flatten(1)
-        values, pick = values.topk(kmax, dim=1)
-        classes = classes.gather(1, pick)
-    scores = {}
-    for k in ks:
-        weights = (values[:, :min(k, kmax)] / temperature).exp()  # padding (-inf) weighs 0
-        scores[k] = torch.zeros(len(queries), num_classes, device=queries.device).scatter_add_(
-            1, classes[:, :min(k, kmax)], weights)
-    return scores
-
-
-def knn_accuracy(bank_x, bank_y, queries, query_y, num_classes, ks, temperature=0.07, chunk_size=4096):
-    """{k: (top-1 %, top-5 %)} of knn_class_scores over all queries, in chunks of queries."""
-    hits = {k: torch.zeros(2, dtype=torch.float64, device=queries.device) for k in ks}
-    for q0 in range(0, len(queries), chunk_size):
-        scores = knn_class_scores(bank_x, bank_y, queries[q0:q0 + chunk_size], num_classes, ks, temperature,
-                                  chunk_size)
-        for k in ks:
-            top = scores[k].topk(min(5, num_classes), dim=1).indices == query_y[q0:q0 + chunk_size, None]
-            hits[k] += torch.stack([top[:, 0].sum(), top.any(1).sum()]).double()
-    return {k: tuple((100 * hits[k] / max(len(queries), 1)).tolist()) for k in ks}
-
-
-# ---------------------------------------------------------------- small helpers shared by the stages
-
-def resume_from(path, settings, network=None, optimizer=None):
-    """One resume contract for every training stage (02, 04, 05): the checkpoint at `path`, or None
-    when there is none. A checkpoint written by another stage, for other training data or with
-    other settings is refused with one line naming what differs: resuming it would silently train
-    something else. `settings` holds "stage", "data" (the fingerprint) and flag values by name. The
-    checkpoint's network and optimizer states are loaded into `network` and `optimizer` if given."""
-    if not os.path.isfile(path):
-        return None
-    ckpt = extract_init.load_run_file(path, ("settings",), "delete it to start over")
-    saved = ckpt["settings"]
-    if saved.get("stage") != settings["stage"]:
-        fail(f"{path} was written by {saved.get('stage')}, not {settings['stage']}; pass another --out or delete it")
-    changed = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
-    if changed:
-        names = {"data": "other training images", "backbone": "another backbone"}
-        was = ", ".join(names.get(key) or f"--{key.replace('_', '-')} {saved.get(key)}" for key in changed)
-        fail(f"{path} was written with other settings ({was}); rerun with those to resume, "
-             "or delete it to start over")
-    if network is not None:
-        network.load_state_dict(ckpt["network"])
-    if optimizer is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if dsm.is_main():
-        print(f"resuming from {path} (saved by {ckpt['world_size']} process(es), now {dsm.get_world_size()})")
-    return ckpt
-
-
-def save_for_resume(path, settings, network, optimizer, **progress):
-    """What resume_from reads, written atomically by rank 0: the settings, the network and optimizer
-    states and the stage's progress (epoch, history, ...)."""
-    if dsm.is_main():
-        extract_init.atomic_save({"settings": settings, "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-                         "optimizer": optimizer.state_dict(), "world_size": dsm.get_world_size(), **progress}, path)
-
-
-def step_seed(seed, position, rank):
-    """One seed per (--seed, epoch or iteration, rank): reseeding with it makes a resumed run draw
-    what an uninterrupted one draws, without storing generator states in checkpoints."""
-    return seed * 1000003 + position * 1009 + rank
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class Meter:
-    """Loss and timing over the steps since the last progress line."""
-
-    def __init__(self):
-        self.steps, self.loss, self.wait = 0, 0.0, 0.0
-        self.start = time.perf_counter()
-
-    def add(self, loss):
-        self.steps += 1
-        self.loss += loss
-
-    def report(self, epoch, step, steps, global_step, lr, images, instances, steps_left, device):
-        elapsed = time.perf_counter() - self.start
-        per_step = elapsed / max(self.steps, 1)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
-        return {"epoch": epoch, "step": step, "steps": steps, "global_step": global_step,
-                "loss": self.loss / max(self.steps, 1), "lr": lr,
-                "images_per_s": images / per_step, "instances_per_s": instances / per_step,
-                "data_wait": self.wait / max(elapsed, 1e-12), "eta_s": per_step * steps_left,
-                "peak_mem_gib": peak}
-
-
-def write_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trim_log(path, epochs_done):
-    """Keep the lines of a JSON-lines log that belong to finished epochs (rank 0): a resumed or
-    restarted run then logs every step and epoch once."""
-    if dsm.is_main() and os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line).get("epoch", 0) < epochs_done]
-        extract_init.atomic_save("".join(kept).encode(), path, dump=lambda data, f: f.write(data))
-
-
-def format_seconds(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 if __name__ == "__main__":

@@ -34,14 +34,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 
 import dist_softmax as dsm
 
 extract_init = importlib.import_module("01_extract_init")
-fail = dsm.fail
+fail, log = extract_init.fail, extract_init.log
 
 parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=None, batch_size=4096, data_required=False)
@@ -58,8 +57,7 @@ DEFAULT_CHUNK = {"cpu": 1024, "cuda": 8192}  # rows and columns per similarity b
 @torch.no_grad()
 def main(argv=None):
     args = parser.parse_args(argv)
-    with dsm.stage(args) as device:
-        log = print if dsm.is_main() else (lambda *a, **k: None)
+    with extract_init.stage(args) as device:
 
         # ---- classifier: the trained rows (checkpoint.pt of 02) if any, else the prior's (init.pt of 01) ----
         found = [os.path.join(args.out, name) for name in ("checkpoint.pt", "init.pt")]
@@ -88,7 +86,7 @@ def main(argv=None):
         if len(paths) != num_classes:
             fail(f"{data_root}/train holds {len(paths)} images but {source} has {num_classes} classifier "
                          "rows; pass the --data this run was made from")
-        fingerprint = extract_init.check_data_fingerprint(args.out, paths, data_root)
+        fingerprint = extract_init.check_data(args.out, paths, data_root)
         if data_sha256 not in (None, fingerprint["sha256"]):
             fail(f"{source} was made from other training images than {data_root}/train lists; pass the --data "
                  "this run was made from")
@@ -147,19 +145,13 @@ def mine_hard_classes(classifier, k, chunk_size=None):
     if not 1 <= k < classifier.num_classes:
         raise ValueError(f"k = {k} hard classes need 1 <= k < num_classes = {classifier.num_classes}")
     w = F.normalize(classifier.weight.detach().float(), dim=1)
-    device, world = w.device, classifier.world_size
+    device = w.device
     chunk = -(-(chunk_size or DEFAULT_CHUNK.get(device.type, 1024)) // GROUP) * GROUP  # whole groups
     top = RunningTopK(len(w), k, device)
     row_blocks = [(r0, min(r0 + chunk, len(w))) for r0 in range(0, len(w), chunk)]
-    # One owner's rows at a time (rank 0's shard is the largest), plus GROUP spare rows so that every
-    # column block is whole groups; whatever the spare rows hold, their columns are set to -inf.
-    shard = w.new_zeros(dsm.shard_range(classifier.num_classes, 0, world)[1] + GROUP, w.shape[1])
-    for owner in range(world):
-        o_start, o_end = dsm.shard_range(classifier.num_classes, owner, world)
-        if owner == classifier.rank:
-            shard[:o_end - o_start] = w
-        if world > 1:
-            dist.broadcast(shard[:o_end - o_start], src=owner)
+    # One owner's rows at a time, plus GROUP spare rows so that every column block is whole groups
+    # (their columns are set to -inf).
+    for o_start, o_end, shard in dsm.each_shard(w, classifier.num_classes, spare=GROUP):
         for_each_block(row_blocks, device, lambda r0, r1: score_rows(
             w, r0, r1, shard, o_start, o_end, classifier.start, chunk, top))
     return top.result()
@@ -251,10 +243,9 @@ class RunningTopK:
         self._merge(slice(r0, r1), values, ids)
 
     def _merge(self, rows, values, ids):
-        top, pick = torch.cat([self.values[rows], values], 1).topk(self.values.shape[1], dim=1, sorted=False)
-        self.ids[rows] = torch.cat([self.ids[rows], ids], 1).gather(1, pick)
-        self.values[rows] = top
-        self.threshold[rows] = top.amin(1)
+        self.values[rows], self.ids[rows] = dsm.merge_top_k(self.values[rows], self.ids[rows], values, ids,
+                                                            self.values.shape[1], sorted=False)
+        self.threshold[rows] = self.values[rows].amin(1)
 
     def result(self):
         """(ids, values) of every row, most similar first."""

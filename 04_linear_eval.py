@@ -19,11 +19,12 @@ number against. Its results sit beside the pretrained ones in RUN with a _random
                           paper reports top-5 here.
   --knn                   weighted kNN (not in the paper; the common instance-discrimination check):
                           the k = 20 and 200 most cosine-similar training images vote with weight
-                          exp(sim / 0.07) (02's knn_accuracy, sharded).
+                          exp(sim / 0.07) (01's knn_accuracy, sharded; 02's kNN curve is the same).
 
 Results: RUN/<linear_eval|linear_eval_cached|knn|semi_F>[_random].json, per-epoch lines in
 <name>_log.jsonl. The trained protocols checkpoint every epoch and resume with the same command,
-on any process count (02's resume contract).
+on any process count (01's resume contract). 05 reuses the backbone loading, the model, the
+training epoch and the evaluation defined here.
 
 Commands (after 01 and 02; --arch and --image-size default to the run's):
   python 04_linear_eval.py --data demo_data --out runs/demo --batch-size 256 --knn
@@ -50,23 +51,22 @@ from torchvision import transforms
 import dist_softmax as dsm
 
 extract_init = importlib.import_module("01_extract_init")
-pretrain = importlib.import_module("02_pretrain")
-fail = dsm.fail
+fail, log, POSITIVE = extract_init.fail, extract_init.log, extract_init.POSITIVE
 
 parser = extract_init.Parser(__doc__)
 extract_init.add_common_args(parser, epochs=None, batch_size=None)
 parser.set_defaults(arch=None, image_size=None)  # default: as in RUN/init.pt, else resnet50 at 224 px
-parser.add_argument("--epochs", type=extract_init.POSITIVE, default=None, help="linear probe: 100; semi-supervised: 20")
+parser.add_argument("--epochs", type=POSITIVE, default=None, help="linear probe: 100; semi-supervised: 20")
 parser.add_argument("--pretrained", default=None, metavar="PATH|random",
                     help="backbone to evaluate (default RUN/backbone.pt); 'random': the random-init baseline")
 parser.add_argument("--knn", action="store_true", help="weighted kNN instead of the linear probe")
-parser.add_argument("--knn-k", type=lambda text: [extract_init.POSITIVE(k) for k in text.split(",")], default=[20, 200],
+parser.add_argument("--knn-k", type=lambda text: [POSITIVE(k) for k in text.split(",")], default=[20, 200],
                     help="neighbour counts, comma-separated (the first gives top1/top5)")
-parser.add_argument("--knn-temperature", type=pretrain.RATE, default=0.07)
-parser.add_argument("--chunk-size", type=extract_init.POSITIVE, default=4096,
+parser.add_argument("--knn-temperature", type=extract_init.RATE, default=0.07)
+parser.add_argument("--chunk-size", type=POSITIVE, default=4096,
                     help="kNN: queries and training rows per similarity block (bounds memory)")
-parser.add_argument("--label-fraction", type=extract_init.number(float, 0, 1, open_low=True), default=None, metavar="F",
-                    help="semi-supervised fine-tuning on a class-balanced fraction F of the labels (0.01, 0.1)")
+parser.add_argument("--label-fraction", type=extract_init.number(float, 0, 1, open_low=True), default=None,
+                    metavar="F", help="semi-supervised fine-tuning on a class-balanced fraction F of the labels (0.01, 0.1)")
 parser.add_argument("--subset-file", default=None,
                     help="semi-supervised: the labelled images, one per line (path under train/ or file name)")
 parser.add_argument("--cached-features", action="store_true",
@@ -74,12 +74,13 @@ parser.add_argument("--cached-features", action="store_true",
 parser.add_argument("--standardize", action="store_true",
                     help="linear probe: standardise each feature with the train mean/std (up to 10000 centre "
                          "crops) before the linear layer; one lr then fits any backbone's feature scale")
-parser.add_argument("--lr", type=pretrain.RATE, default=None,
+parser.add_argument("--lr", type=extract_init.RATE, default=None,
                     help="linear layer lr at the reference batch: 40 at 2048 (probe); 15 (1%%) / 10 at 256 (semi)")
-parser.add_argument("--backbone-lr", type=pretrain.NON_NEGATIVE, default=0.001, help="semi-supervised backbone lr at batch 256")
-parser.add_argument("--momentum", type=pretrain.FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=pretrain.NON_NEGATIVE, default=0.0)
-parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=50, help="steps between progress lines (image training)")
+parser.add_argument("--backbone-lr", type=extract_init.NON_NEGATIVE, default=0.001,
+                    help="semi-supervised backbone lr at batch 256")
+parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=0.0)
+parser.add_argument("--print-freq", type=POSITIVE, default=50, help="steps between progress lines (image training)")
 
 SAMPLE = 10000  # training images behind --standardize and the random baseline's BN statistics
 BN_BATCH = 256  # images per batch when the random baseline's BN statistics are estimated
@@ -89,22 +90,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     protocol = "knn" if args.knn else "semi" if args.label_fraction is not None else "linear"
     check_arguments(args, protocol)
-    with dsm.stage(args) as device:
-        log = print if dsm.is_main() else (lambda *a, **k: None)
+    with extract_init.stage(args) as device:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
         # ---- data ----
         paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
-        val_paths, val_labels = pretrain.list_val_images(args.data, classes)
-        fingerprint = extract_init.check_data_fingerprint(args.out, paths, args.data)
+        val_paths, val_labels = extract_init.list_val_images(args.data, classes)
+        fingerprint = extract_init.check_data(args.out, paths, args.data)
         args.batch_size = args.batch_size or (256 if protocol == "semi" else 2048)
         args.epochs = args.epochs or (20 if protocol == "semi" else 100)
         local_batch = extract_init.resolve_rank_batch(args.batch_size, dsm.get_world_size())
 
         # ---- backbone ----
         source = args.pretrained or os.path.join(args.out, "backbone.pt")
-        network_defaults(args, log)
+        network_defaults(args)
         if source != "random" and args.pretrained is None and not os.path.isfile(source):
             fail(f"{source} not found; run 02_pretrain.py with --out {args.out} first, pass --pretrained PATH, "
                  f"or --pretrained random for the random-init baseline")
@@ -112,7 +112,7 @@ def main(argv=None):
         backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
         identity = state_fingerprint(backbone)  # before the random baseline's BN estimate, which rounds per run
         if source == "random":
-            estimate_bn_statistics(backbone, paths, args, device, log)
+            estimate_bn_statistics(backbone, paths, args, device)
         name = {"linear": "linear_eval", "knn": "knn"}.get(protocol) or f"semi_{args.label_fraction:g}"
         name += ("_cached" if args.cached_features else "") + ("_random" if source == "random" else "")
         log(f"04_linear_eval: {protocol}{' (cached features)' if args.cached_features else ''} of {described}; "
@@ -123,13 +123,13 @@ def main(argv=None):
         train = extract_init.ImageList(paths, None, labels)
         val = extract_init.ImageList(val_paths, extract_init.eval_transform(args.image_size), val_labels)
         if protocol == "knn":
-            result = knn_protocol(args, backbone, train, val, len(classes), local_batch, device, log)
+            result = knn_protocol(args, backbone, train, val, len(classes), device)
         else:
             settings = {"stage": "04_linear_eval", "data": fingerprint["sha256"], "backbone": identity,
                         **{key: getattr(args, key) for key in ("arch", "image_size", "epochs", "batch_size", "momentum",
                                                                "weight_decay", "seed", "cached_features", "standardize")}}
             result = trained_protocol(args, protocol, name, settings, backbone, width, train, val, len(classes),
-                                      local_batch, device, log)
+                                      local_batch, device)
 
         # ---- result ----
         result = {"protocol": protocol, "checkpoint": described, "arch": args.arch, "image_size": args.image_size,
@@ -151,7 +151,7 @@ def check_arguments(args, protocol):
         fail("--subset-file is for semi-supervised fine-tuning; also pass --label-fraction (0.01 or 0.1)")
 
 
-def network_defaults(args, log):
+def network_defaults(args):
     """--arch / --image-size not given: those RUN/init.pt records (01 built the network, 02 kept it),
     so `--out RUN --data ROOT` evaluates what that run trained; without init.pt resnet50 at 224 px."""
     init = os.path.join(args.out, "init.pt")
@@ -162,22 +162,23 @@ def network_defaults(args, log):
         f"--arch/--image-size override)")
 
 
-# ---------------------------------------------------------------- the backbone
+# ---------------------------------------------------------------- the backbone (also 05's)
 
-def load_pretrained_backbone(source, arch, image_size, seed=0):
+def load_pretrained_backbone(source, arch, image_size, seed=0, flag="--pretrained"):
     """(backbone, feature width, description). source: 'random' (random init from `seed`), a 02/01
     checkpoint ({"network": ...}: its backbone.* keys), or a torchvision-named ResNet state_dict
     (optionally under "state_dict", optionally prefixed "module."). Strict: only fc.* may be
-    missing or extra; any other missing, unexpected or misshapen tensor is a fail()."""
+    missing or extra; anything else is one line naming `flag` (05's is --init)."""
     torch.manual_seed(seed)  # the random baseline is the same network on every rank and every run
     backbone, width = extract_init.build_backbone(arch, image_size)
     if source == "random":
         return backbone, width, f"random init (seed {seed})"
-    if not os.path.isfile(source):
-        fail(f"--pretrained {source} not found; pass RUN/backbone.pt, a 02 checkpoint.pt, or random")
-    obj = extract_init.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors")
+    if not os.path.exists(source):
+        fail(f"{flag} {source} not found; pass RUN/backbone.pt, a 02 checkpoint.pt, or random")
+    obj = extract_init.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors",
+                                     what=f"{flag} {source}")
     if not isinstance(obj, dict):
-        fail(f"--pretrained {source} holds a {type(obj).__name__}, not a state_dict")
+        fail(f"{flag} {source} holds a {type(obj).__name__}, not a state_dict")
     if isinstance(obj.get("network"), dict):  # 01 init.pt / 02 checkpoint.pt
         made = obj.get("args") or {}
         if made.get("arch", arch) != arch or made.get("image_size", image_size) != image_size:
@@ -197,23 +198,21 @@ def load_pretrained_backbone(source, arch, image_size, seed=0):
     if problems:
         hint = ("; conv1 differs: <= 64 px uses the 3x3 small stem, pass the --image-size it was trained at"
                 if any(p.startswith("conv1.weight has shape") for p in problems) else "")
-        fail(f"--pretrained {source} does not fit {arch}: {'; '.join(problems[:3])}"
+        fail(f"{flag} {source} does not fit {arch}: {'; '.join(problems[:3])}"
              f"{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}{hint}; only fc.* may differ, "
              f"pass the matching --arch/--image-size or a torchvision-named ResNet state_dict")
     backbone.load_state_dict(state)
     return backbone, width, os.path.abspath(source)
 
 
-def estimate_bn_statistics(backbone, paths, args, device, log):
+def estimate_bn_statistics(backbone, paths, args, device):
     """Give the random-init baseline BN statistics of the training images, as a trained backbone
-    has: the average over shuffled batches of BN_BATCH (01's prior pass, BN in training mode; a
-    fixed batch, so any process count gives the same statistics) of the centre crops of up to
-    SAMPLE training images drawn with --seed. Without this its BN would normalise with the
-    untouched 0 / 1, and the comparison with a trained backbone would not be fair."""
-    sample = pretrain.fixed_sample(len(paths), SAMPLE, args.seed)
+    has: the average over shuffled batches of BN_BATCH (01's prior pass, running BN; a fixed batch,
+    so any process count gives the same statistics) of the centre crops of up to SAMPLE training
+    images. Without it, BN would normalise with the untouched 0 / 1: not a fair baseline."""
+    sample = extract_init.fixed_sample(len(paths), SAMPLE, args.seed)
     extract_init.set_bn_mode(backbone, "running")
-    for _ in extract_init.prior_pass(backbone, [paths[i] for i in sample], extract_init.eval_transform(args.image_size),
-                                     BN_BATCH, args, device):
+    for _ in extract_init.prior_pass(backbone, [paths[i] for i in sample], BN_BATCH, args, device):
         pass
     extract_init.merge_bn_averages(backbone)
     backbone.eval()
@@ -253,48 +252,53 @@ class Probe(nn.Module):
         return self.fc((features.float() - self.shift) * self.scale)
 
 
-# ---------------------------------------------------------------- linear probe and semi-supervised fine-tuning
+def state_fingerprint(module):
+    """sha256 of a module's state_dict values (a resumed run must continue on the same backbone)."""
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-def trained_protocol(args, protocol, name, settings, backbone, width, train, val, num_classes, local_batch,
-                     device, log):
-    """The linear probe (frozen; on images or cached features) and semi-supervised fine-tuning: one
-    loop of epochs with evaluation, logging and atomic checkpoints (02's resume contract)."""
+
+# ---------------------------------------------------------------- the protocols
+
+def knn_protocol(args, backbone, train, val, num_classes, device):
+    """Embed train (sharded over the ranks) and val (gathered to every rank), vote, score."""
+    t0 = time.perf_counter()
+    inputs = extract_init.embed_for_knn(backbone, (train.paths, train.labels), (val.paths, val.labels), args, device)
+    log(f"embedded {len(train)} train + {len(val)} val images in {time.perf_counter() - t0:.1f} s")
+    ks = list(dict.fromkeys(min(k, len(train)) for k in args.knn_k))
+    if ks != args.knn_k:
+        log(f"note: k clamped to the {len(train)} training images: {args.knn_k} -> {ks}")
+    t0 = time.perf_counter()
+    accuracy = extract_init.knn_accuracy(*inputs, num_classes, ks, args.knn_temperature, args.chunk_size)
+    results = {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in accuracy.items()}
+    for k, r in results.items():
+        log(f"kNN k={k} T={args.knn_temperature:g}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f} ({len(val)} val)")
+    log(f"voting took {time.perf_counter() - t0:.1f} s")
+    first = results[str(ks[0])]
+    return {"top1": first["top1"], "top5": first["top5"], "k": ks[0], "results": results,
+            "settings": {"k": ks, "temperature": args.knn_temperature}}
+
+
+def trained_protocol(args, protocol, name, settings, backbone, width, train, val, num_classes, local_batch, device):
+    """The linear probe (frozen; on images or cached features) and semi-supervised fine-tuning."""
     torch.manual_seed(args.seed)  # the same initial linear layer on every rank
     probe = Probe(backbone, width, num_classes, frozen=protocol == "linear").to(device)
     if protocol == "semi":
-        train = labelled_subset(args, train, name, settings, log)
-    optimizer = protocol_optimizer(args, protocol, probe, settings, log)
+        train = labelled_subset(args, train, name, settings)
+    optimizer = protocol_optimizer(args, protocol, probe, settings)
     snapshot = {k: v.detach().clone() for k, v in backbone.state_dict().items()} if protocol == "linear" else None
     if args.cached_features:
-        train_epoch, evaluate_epoch = cached_probe(args, probe, optimizer, train, val, local_batch, device, log)
+        train_epoch, evaluate_epoch = cached_probe(args, probe, optimizer, train, val, local_batch, device)
     else:
-        train_epoch, evaluate_epoch = image_training(args, probe, optimizer, train, val, local_batch, device, log)
-
-    # ---- resume ----
-    ckpt_path = os.path.join(args.out, name + "_checkpoint.pt")
-    trained = probe if protocol == "semi" else probe.fc  # what the checkpoint must restore
-    history = (pretrain.resume_from(ckpt_path, settings, trained, optimizer) or {}).get("history", [])
-
-    # ---- epochs ----
-    t_start, first_epoch = time.perf_counter(), len(history)
-    for epoch in range(first_epoch, args.epochs):
-        dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in {os.path.basename(ckpt_path)})"
-        t0 = time.perf_counter()
-        loss, lr_now = train_epoch(epoch)
-        top1, top5, count = evaluate_epoch()
-        eta = (time.perf_counter() - t_start) / (epoch + 1 - first_epoch) * (args.epochs - epoch - 1)
-        history.append({"epoch": epoch, "loss": loss, "lr": lr_now, "top1": top1, "top5": top5,
-                        "val_images": count, "epoch_s": round(time.perf_counter() - t0, 3)})
-        if dsm.is_main():
-            print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
-                  f"({count} val) {time.perf_counter() - t0:.1f} s eta {pretrain.format_seconds(eta)}", flush=True)
-            pretrain.write_log(os.path.join(args.out, name + "_log.jsonl"), history[-1])
-        pretrain.save_for_resume(ckpt_path, settings, trained, optimizer, epoch=epoch, history=history)
-
-    # ---- the frozen backbone must be exactly what was loaded ----
+        train_epoch, evaluate_epoch = image_training(args, probe, optimizer, train, val, local_batch, device)
+    history = fit(args, os.path.join(args.out, name), settings, probe if protocol == "semi" else probe.fc, optimizer,
+                  train_epoch, evaluate_epoch)
     result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "settings": settings,
               "best_top1": max(h["top1"] for h in history), "history": history}
-    if snapshot is not None:
+    if snapshot is not None:  # the frozen backbone must be exactly what was loaded
         state = backbone.state_dict()
         changed = [k for k, v in snapshot.items() if not torch.equal(state[k], v)]
         if changed:
@@ -305,7 +309,32 @@ def trained_protocol(args, protocol, name, settings, backbone, width, train, val
     return result
 
 
-def labelled_subset(args, train, name, settings, log):
+def fit(args, stem, settings, trained, optimizer, train_epoch, evaluate_epoch, after_epoch=None):
+    """The epochs of a trained protocol (04's, and 05's fine-tuning): train, evaluate, log to
+    <stem>_log.jsonl, checkpoint <stem>_checkpoint.pt (`trained` and the optimizer; the resume
+    contract), then after_epoch(history). Resumes from the checkpoint; returns the history."""
+    ckpt_path, log_path = stem + "_checkpoint.pt", stem + "_log.jsonl"
+    history = (extract_init.resume_from(ckpt_path, settings, trained, optimizer) or {}).get("history", [])
+    extract_init.append_log(log_path, None, epochs_done=len(history))  # what a killed epoch logged goes
+    t_start, first_epoch = time.perf_counter(), len(history)
+    for epoch in range(first_epoch, args.epochs):
+        extract_init.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in {os.path.basename(ckpt_path)})"
+        t0 = time.perf_counter()
+        loss, lr_now = train_epoch(epoch)
+        top1, top5, count = evaluate_epoch()
+        eta = int((time.perf_counter() - t_start) / (epoch + 1 - first_epoch) * (args.epochs - epoch - 1))
+        history.append({"epoch": epoch, "loss": loss, "lr": lr_now, "top1": top1, "top5": top5,
+                        "val_images": count, "epoch_s": round(time.perf_counter() - t0, 3)})
+        log(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
+            f"({count} val) {time.perf_counter() - t0:.1f} s eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        extract_init.append_log(log_path, history[-1])  # before the checkpoint: a resume drops it if need be
+        extract_init.save_for_resume(ckpt_path, settings, trained, optimizer, epoch=epoch, history=history)
+        if after_epoch is not None:
+            after_epoch(history)
+    return history
+
+
+def labelled_subset(args, train, name, settings):
     """Table 7's labelled images: a class-balanced --label-fraction drawn with --seed, or --subset-file;
     listed in RUN/<name>_subset.txt and fingerprinted in the settings."""
     train_dir = os.path.join(args.data, "train")
@@ -317,14 +346,13 @@ def labelled_subset(args, train, name, settings, log):
                     subset=hashlib.sha256(rel.encode()).hexdigest())
     listed = os.path.join(args.out, name + "_subset.txt")
     if dsm.is_main():
-        with open(listed, "w") as f:
-            f.write(rel + "\n")
+        extract_init.atomic_save((rel + "\n").encode(), listed, dump=lambda data, f: f.write(data))
     log(f"labelled subset: {len(subset)} images ({100 * len(subset) / len(train):.2f}% of train, "
         f"{'from ' + args.subset_file if args.subset_file else f'class-balanced, seed {args.seed}'}); listed in {listed}")
     return subset
 
 
-def protocol_optimizer(args, protocol, probe, settings, log):
+def protocol_optimizer(args, protocol, probe, settings):
     """SGD with the paper's learning rates, scaled linearly with the batch; recorded in `settings`."""
     reference = 2048 if protocol == "linear" else 256
     lr = args.lr if args.lr is not None else (40.0 if protocol == "linear" else
@@ -343,7 +371,7 @@ def protocol_optimizer(args, protocol, probe, settings, log):
     return torch.optim.SGD(groups, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
-def image_training(args, probe, optimizer, train, val, local_batch, device, log):
+def image_training(args, probe, optimizer, train, val, local_batch, device):
     """(train one epoch, evaluate) on augmented images: DDP over the processes, resumable crops."""
     rank, world = dsm.get_rank(), dsm.get_world_size()
     model = dsm.data_parallel(probe, device)
@@ -351,30 +379,30 @@ def image_training(args, probe, optimizer, train, val, local_batch, device, log)
     sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = extract_init.data_loader(train, args, device, batch_size=local_batch, sampler=sampler)
     if args.standardize:
-        standardize(probe, pretrain.embed_features(probe.backbone, sample_shard(train.paths, args.seed), args, device), log)
+        standardize(probe, extract_init.embed(probe.backbone, sample_shard(train.paths, args.seed), args, device))
 
     def train_epoch(epoch):
-        pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # resumable crops
+        extract_init.seed_everything(extract_init.step_seed(args.seed, epoch, rank))  # resumable crops
         sampler.set_epoch(epoch)
-        return image_epoch(model, optimizer, loader, args, epoch, device, log)
+        return image_epoch(model, optimizer, loader, args, epoch, device)
 
     return train_epoch, lambda: evaluate(probe, val, local_batch, args, device)
 
 
-def cached_probe(args, probe, optimizer, train, val, local_batch, device, log):
+def cached_probe(args, probe, optimizer, train, val, local_batch, device):
     """(train one epoch, evaluate) of the linear layer on features embedded once (centre crops),
     each process holding a contiguous shard of the train and val features."""
     rank, world = dsm.get_rank(), dsm.get_world_size()
     t0 = time.perf_counter()
     start, end = dsm.shard_range(len(train), rank, world)
     v0, v1 = dsm.shard_range(len(val), rank, world)
-    train_x, val_x = (pretrain.embed_features(probe.backbone, paths, args, device)
+    train_x, val_x = (extract_init.embed(probe.backbone, paths, args, device)
                       for paths in (train.paths[start:end], val.paths[v0:v1]))
     train_y = torch.tensor(train.labels[start:end], device=device)
     val_y = torch.tensor(val.labels[v0:v1], device=device)
     log(f"cached features: {len(train)} train + {len(val)} val images embedded in {time.perf_counter() - t0:.1f} s")
     if args.standardize:
-        standardize(probe, train_x, log)
+        standardize(probe, train_x)
 
     def train_epoch(epoch):
         with one_cpu_thread(device):
@@ -388,39 +416,32 @@ def cached_probe(args, probe, optimizer, train, val, local_batch, device, log):
 
 
 def sample_shard(paths, seed):
-    """This rank's shard of at most SAMPLE of `paths` drawn with `seed` (02's fixed_sample)."""
-    sample = pretrain.fixed_sample(len(paths), SAMPLE, seed)
+    """This rank's shard of at most SAMPLE of `paths` drawn with `seed`."""
+    sample = extract_init.fixed_sample(len(paths), SAMPLE, seed)
     s0, s1 = dsm.shard_range(len(sample), dsm.get_rank(), dsm.get_world_size())
     return [paths[i] for i in sample[s0:s1]]
 
 
-def image_epoch(model, optimizer, loader, args, epoch, device, log):
+def image_epoch(model, optimizer, loader, args, epoch, device):
     """One epoch on (image, label) batches, lr set every step (cosine over args.epochs); also 05's
-    fine-tuning loop. Returns (mean loss, last lr)."""
+    fine-tuning loop. Rank 0's BN statistics go to every rank at the end. Returns (mean loss, last lr)."""
     model.train()
     steps = len(loader)
-    meter, total, lr = pretrain.Meter(), 0.0, 0.0
+    meter, total, lr = extract_init.Meter(), 0.0, 0.0
     for i, ((images, targets), wait) in enumerate(extract_init.timed_batches(loader)):
-        meter.wait += wait
         lr = set_lr(optimizer, epoch + (i + 0.5) / steps, args.epochs)
         with extract_init.autocast(device):
             logits = model(extract_init.to_device(images, device))
         loss = F.cross_entropy(logits.float(), targets.to(device, non_blocking=True))
-        value = average_over_ranks(loss.item(), device)  # the global mean: every rank stops together
-        if not math.isfinite(value):
-            fail(f"loss is {value} at epoch {epoch} step {i}; lower --lr and rerun to resume from the last epoch")
+        value = mean_over_ranks(loss.item(), device)  # the global mean: every rank stops together
+        extract_init.stop_if_not_finite(value, f"epoch {epoch} step {i}", "lower --lr and rerun to resume from the last epoch")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += value
-        meter.add(value)
+        meter.add(value, wait)
         if (i + 1) % args.print_freq == 0 and i + 1 < steps:
-            record = meter.report(epoch, i + 1, steps, i + 1, lr, args.batch_size, args.batch_size,
-                                  steps - i - 1, device)
-            log(f"epoch {epoch + 1} step {i + 1}/{steps} loss {record['loss']:.4f} lr {lr:.4g} "
-                f"img/s {record['images_per_s']:.0f} data {100 * record['data_wait']:.0f}% "
-                f"mem {record['peak_mem_gib']:.2f}G", flush=True)
-            meter = pretrain.Meter()
+            meter.line(f"epoch {epoch + 1} step {i + 1}/{steps}", lr, args.batch_size, steps - i - 1, device)
     dsm.broadcast_buffers(model)  # one set of BN statistics for the evaluation and the checkpoint
     return total / max(steps, 1), lr
 
@@ -445,14 +466,13 @@ def cached_epoch(probe, optimizer, train_x, train_y, start, num_train, args, epo
         for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
             p.grad = g.view_as(p)
         optimizer.step()
-        value = flat[-1].item()
-        if not math.isfinite(value):
-            fail(f"loss is {value} at epoch {epoch} step {i}; lower --lr and rerun to resume from the last epoch")
-        total += value
+        extract_init.stop_if_not_finite(flat[-1].item(), f"epoch {epoch} step {i}",
+                                        "lower --lr and rerun to resume from the last epoch")
+        total += flat[-1].item()
     return total / steps, lr
 
 
-def standardize(probe, features, log):
+def standardize(probe, features):
     """Set the probe's shift/scale to the per-dimension mean and 1/std of the features, summed over
     the ranks' shards (float64), so every process gets the same values."""
     stats = torch.cat([features.double().sum(0), features.double().pow(2).sum(0),
@@ -471,7 +491,7 @@ def standardize(probe, features, log):
 def set_lr(optimizer, progress, epochs):
     """Cosine decay (no warm-up) of every group's base_lr; progress in epochs. Returns the first group's lr."""
     for group in optimizer.param_groups:
-        group["lr"] = pretrain.learning_rate(group["base_lr"], progress, 0, epochs)
+        group["lr"] = extract_init.cosine_lr(group["base_lr"], progress, 0, epochs)
     return optimizer.param_groups[0]["lr"]
 
 
@@ -512,21 +532,13 @@ def sum_hits(hits):
     return 100 * top1 / max(count, 1), 100 * top5 / max(count, 1), int(count)
 
 
-def average_over_ranks(value, device):
+def mean_over_ranks(value, device):
+    """The mean of a float over the processes, the same on every rank (all stop together on a NaN)."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dsm.get_world_size()
-
-
-def state_fingerprint(module):
-    """sha256 of a module's state_dict values (a resumed run must continue on the same backbone)."""
-    digest = hashlib.sha256()
-    for key, value in module.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -540,29 +552,6 @@ def one_cpu_thread(device):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-# ---------------------------------------------------------------- weighted kNN
-
-def knn_protocol(args, backbone, train, val, num_classes, local_batch, device, log):
-    """Embed train (sharded over the ranks) and val (gathered to every rank), vote, score."""
-    t0 = time.perf_counter()
-    train_x, train_y, val_x, val_y = pretrain.embed_for_knn(backbone, (train.paths, train.labels),
-                                                            (val.paths, val.labels), args, device)
-    log(f"embedded {len(train)} train + {len(val)} val images in {time.perf_counter() - t0:.1f} s")
-    ks = list(dict.fromkeys(min(k, len(train)) for k in args.knn_k))
-    if ks != args.knn_k:
-        log(f"note: k clamped to the {len(train)} training images: {args.knn_k} -> {ks}")
-    t0 = time.perf_counter()
-    accuracy = pretrain.knn_accuracy(train_x, train_y, val_x, val_y, num_classes, ks, args.knn_temperature,
-                                     args.chunk_size)
-    results = {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in accuracy.items()}
-    for k, r in results.items():
-        log(f"kNN k={k} T={args.knn_temperature:g}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f} ({len(val)} val)")
-    log(f"voting took {time.perf_counter() - t0:.1f} s")
-    first = results[str(ks[0])]
-    return {"top1": first["top1"], "top5": first["top5"], "k": ks[0], "results": results,
-            "settings": {"k": ks, "temperature": args.knn_temperature}}
 
 
 # ---------------------------------------------------------------- data of the protocols

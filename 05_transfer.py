@@ -21,7 +21,7 @@
 --init is RUN/backbone.pt by default; a 02 checkpoint, a torchvision-named ResNet state_dict, or
 `random` (the baseline, results beside the others with a _random suffix) also work. Results go to
 RUN/transfer_<task>_<dataset>[_random].json; classify and detect resume with the same command
-(02's resume contract). --image-size picks the stem as in pretraining (<= 64: the small stem).
+(01's resume contract). detect parses and checks every annotation of its splits before training. --image-size picks the stem as in pretraining (<= 64: the small stem).
 
 Commands:
   python 05_transfer.py --task classify --data demo_data --out runs/demo --arch resnet18 --image-size 64 --epochs 10
@@ -32,7 +32,6 @@ Commands:
 """
 import importlib
 import json
-import math
 import os
 import pickle
 import random
@@ -51,9 +50,8 @@ from torchvision.transforms import functional as TF
 import dist_softmax as dsm
 
 extract_init = importlib.import_module("01_extract_init")
-pretrain = importlib.import_module("02_pretrain")
-linear_eval = importlib.import_module("04_linear_eval")
-fail = dsm.fail
+linear_eval = importlib.import_module("04_linear_eval")  # the backbone, the model, the epochs, the evaluation
+fail, log, POSITIVE = extract_init.fail, extract_init.log, extract_init.POSITIVE
 
 CLASSIFY_SETS = ("imagefolder", "cifar10", "cifar100", "dtd", "sun397", "inaturalist", "flowers102")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -69,29 +67,29 @@ parser.add_argument("--init", "--pretrained", metavar="PATH|random",
 parser.add_argument("--dataset", choices=CLASSIFY_SETS + ("voc",),
                     help="classify: imagefolder (default) or a torchvision set; detect: voc")
 parser.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data")
-parser.add_argument("--lr", type=pretrain.RATE, default=None,
+parser.add_argument("--lr", type=extract_init.RATE, default=None,
                     help="classify: lr at batch 256 (default 0.1); detect: lr at batch 16 (0.02); scaled linearly")
-parser.add_argument("--backbone-lr-scale", type=pretrain.NON_NEGATIVE, default=1.0,
+parser.add_argument("--backbone-lr-scale", type=extract_init.NON_NEGATIVE, default=1.0,
                     help="classify: backbone lr = head lr x this (1: one lr for every layer, for both arms)")
-parser.add_argument("--momentum", type=pretrain.FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=pretrain.NON_NEGATIVE, default=1e-4)
+parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=1e-4)
 parser.add_argument("--inat-version", default="2018", choices=["2017", "2018", "2019", "2021"])
-parser.add_argument("--iters", type=extract_init.POSITIVE, default=24000, help="detect: training iterations")
+parser.add_argument("--iters", type=POSITIVE, default=24000, help="detect: training iterations")
 parser.add_argument("--lr-steps", type=extract_init.COUNT, nargs="*", default=[18000, 22000], help="detect: lr x 0.1 at these")
 parser.add_argument("--warmup-iters", type=extract_init.COUNT, default=100, help="detect: linear warm-up iterations")
-parser.add_argument("--min-size", type=extract_init.POSITIVE, nargs="+", default=list(range(480, 801, 32)),
+parser.add_argument("--min-size", type=POSITIVE, nargs="+", default=list(range(480, 801, 32)),
                     help="detect: training short side, drawn per image from these")
-parser.add_argument("--test-size", type=extract_init.POSITIVE, default=800, help="detect: test short side")
-parser.add_argument("--max-size", type=extract_init.POSITIVE, default=1333, help="detect: longest side cap")
+parser.add_argument("--test-size", type=POSITIVE, default=800, help="detect: test short side")
+parser.add_argument("--max-size", type=POSITIVE, default=1333, help="detect: longest side cap")
 parser.add_argument("--voc-train", nargs="+", default=["2007:trainval", "2012:trainval"], metavar="YEAR:SPLIT")
 parser.add_argument("--voc-test", default="2007:test", metavar="YEAR:SPLIT")
 parser.add_argument("--det-norm", default="train", choices=["train", "frozen"],
                     help="detect: BN trained (SyncBN over CUDA processes; MoCo's protocol) or frozen")
 parser.add_argument("--ap-metric", default="11-point", choices=["11-point", "all-point"],
                     help="detect: VOC07's 11-point interpolation (what detectron2 reports), or all-point (VOC2010+)")
-parser.add_argument("--test-limit", type=extract_init.POSITIVE, default=None, help="detect: evaluate on the first N test images")
-parser.add_argument("--ckpt-every", type=extract_init.POSITIVE, default=1000, help="detect: iterations between checkpoints")
-parser.add_argument("--print-freq", type=extract_init.POSITIVE, default=20, help="steps between progress lines")
+parser.add_argument("--test-limit", type=POSITIVE, default=None, help="detect: evaluate on the first N test images")
+parser.add_argument("--ckpt-every", type=POSITIVE, default=1000, help="detect: iterations between checkpoints")
+parser.add_argument("--print-freq", type=POSITIVE, default=20, help="steps between progress lines")
 
 # What a resumed fine-tuning must share with the checkpoint (--epochs and --iters may grow).
 CLASSIFY_SETTINGS = ("dataset", "arch", "image_size", "batch_size", "lr", "backbone_lr_scale", "momentum",
@@ -111,30 +109,31 @@ def main(argv=None):
         fail(f"--task {args.task} needs --data ROOT (the dataset's local folder)")
     args.init = args.init or os.path.join(args.out, "backbone.pt")
     args.lr = args.lr if args.lr is not None else {"classify": 0.1, "detect": 0.02}.get(args.task)
-    with dsm.stage(args) as device:
+    with extract_init.stage(args) as device:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         {"classify": classify, "detect": detect, "export": export}[args.task](args, device)
 
 
-def result_files(args):
-    """(RUN/transfer_<task>_<dataset>[_random] without extension, its checkpoint); _random marks the
-    random-init baseline (04's word for it)."""
-    stem = os.path.join(args.out, f"transfer_{args.task}_{args.dataset}" + ("_random" if args.init == "random" else ""))
-    return stem, stem + "_checkpoint.pt"
+def starting_backbone(args):
+    """(backbone, width, description, the resume contract's settings' start): --init as 04 loads it."""
+    if args.init != "random" and not os.path.exists(args.init):
+        fail(f"{args.init} not found; run 02_pretrain.py with --out {args.out} first, pass --init PATH, "
+             "or --init random for the random-init baseline")
+    backbone, width, described = linear_eval.load_pretrained_backbone(args.init, args.arch, args.image_size,
+                                                                      args.seed, flag="--init")
+    return backbone, width, described, {"stage": f"05_transfer {args.task}", "backbone": linear_eval.state_fingerprint(backbone)}
 
 
-def settings_of(args, keys, backbone):
-    """The resume contract's settings (02's resume_from): stage, flags, the starting backbone."""
-    return {"stage": f"05_transfer {args.task}", "backbone": linear_eval.state_fingerprint(backbone),
-            **{key: getattr(args, key) for key in keys}}
+def result_stem(args):
+    """RUN/transfer_<task>_<dataset>[_random]: _random marks the random-init baseline (04's word for it)."""
+    return os.path.join(args.out, f"transfer_{args.task}_{args.dataset}" + ("_random" if args.init == "random" else ""))
 
 
 # ================================================================ --task classify
 
 def classify(args, device):
     rank, world = dsm.get_rank(), dsm.get_world_size()
-    log = print if dsm.is_main() else (lambda *a, **k: None)
 
     # ---- data: (image, label) pairs ----
     train_set, test_set, num_classes = classification_sets(args, *classify_transforms(args.image_size))
@@ -147,8 +146,8 @@ def classify(args, device):
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images; use a smaller one")
 
     # ---- network: the backbone + a new linear head (04's model, nothing frozen) ----
-    backbone, width, described = linear_eval.load_pretrained_backbone(args.init, args.arch, args.image_size, args.seed)
-    settings = settings_of(args, CLASSIFY_SETTINGS, backbone)
+    backbone, width, described, settings = starting_backbone(args)
+    settings.update({key: getattr(args, key) for key in CLASSIFY_SETTINGS})
     probe = linear_eval.Probe(backbone, width, num_classes, frozen=False).to(device)
     if device.type == "cuda":
         probe = probe.to(memory_format=torch.channels_last)
@@ -164,29 +163,24 @@ def classify(args, device):
         f"{len(loader)} steps/epoch, head lr {args.lr:g} x {args.batch_size}/256 = {head_lr:.6g}, backbone lr x "
         f"{args.backbone_lr_scale:g}, backbone {described}")
 
-    # ---- resume, then epochs: train (04's image_epoch), top-1/top-5 on the whole test split ----
-    result, ckpt_path = result_files(args)
-    history = (pretrain.resume_from(ckpt_path, settings, probe, optimizer) or {}).get("history", [])
-    for epoch in range(len(history), args.epochs):
-        dsm.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in {os.path.basename(ckpt_path)})"
-        t0 = time.perf_counter()
-        pretrain.seed_everything(pretrain.step_seed(args.seed, epoch, rank))  # a resumed epoch = an uninterrupted one
+    # ---- epochs (04's fit): train (04's image_epoch), top-1/top-5 on the whole test split, resumable ----
+    def train_epoch(epoch):
+        extract_init.seed_everything(extract_init.step_seed(args.seed, epoch, rank))  # a resumed epoch = an uninterrupted one
         sampler.set_epoch(epoch)
-        loss, lr_now = linear_eval.image_epoch(model, optimizer, loader, args, epoch, device, log)
-        top1, top5, count = linear_eval.evaluate(probe, test_set, local_batch, args, device)
-        history.append({"epoch": epoch, "loss": loss, "lr": lr_now, "top1": top1, "top5": top5,
-                        "epoch_s": round(time.perf_counter() - t0, 3)})
-        log(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
-            f"({count} test images) {time.perf_counter() - t0:.1f} s", flush=True)
-        pretrain.save_for_resume(ckpt_path, settings, probe, optimizer, epoch=epoch, history=history)
+        return linear_eval.image_epoch(model, optimizer, loader, args, epoch, device)
+
+    def write_result(history):
         if dsm.is_main():
-            extract_init.write_json(result + ".json", {
+            extract_init.write_json(result_stem(args) + ".json", {
                 "task": "classify", "dataset": args.dataset, "settings": settings, "init": described,
-                "num_classes": num_classes, "train_images": len(train_set), "test_images": count,
-                "head_lr": head_lr, "backbone_lr": head_lr * args.backbone_lr_scale, "epochs_done": epoch + 1,
-                "world_size": world, "top1": top1, "top5": top5, "best_top1": max(h["top1"] for h in history),
-                "history": history})
-    log(f"wrote {result}.json")
+                "num_classes": num_classes, "train_images": len(train_set), "test_images": history[-1]["val_images"],
+                "head_lr": head_lr, "backbone_lr": head_lr * args.backbone_lr_scale, "epochs_done": len(history),
+                "world_size": world, "top1": history[-1]["top1"], "top5": history[-1]["top5"],
+                "best_top1": max(h["top1"] for h in history), "history": history})
+
+    linear_eval.fit(args, result_stem(args), settings, probe, optimizer, train_epoch,
+                    lambda: linear_eval.evaluate(probe, test_set, local_batch, args, device), write_result)
+    log(f"wrote {result_stem(args)}.json")
 
 
 def classify_transforms(image_size):
@@ -208,7 +202,7 @@ def classification_sets(args, train_tf, test_tf):
     tv = torchvision.datasets
     if name == "imagefolder":
         train_paths, train_labels, classes = extract_init.list_images(os.path.join(root, "train"))
-        val_paths, val_labels = pretrain.list_val_images(root, classes)
+        val_paths, val_labels = extract_init.list_val_images(root, classes)
         return (extract_init.ImageList(train_paths, train_tf, train_labels),
                 extract_init.ImageList(val_paths, test_tf, val_labels), len(classes))
     try:
@@ -286,24 +280,20 @@ class TransformedSubset(torch.utils.data.Dataset):
 
 def detect(args, device):
     world = dsm.get_world_size()
-    log = print if dsm.is_main() else (lambda *a, **k: None)
 
-    # ---- data: VOC 07+12 trainval for training, 07 test for testing ----
+    # ---- data: VOC 07+12 trainval for training, 07 test for testing; every annotation checked first ----
     train_splits, test_split = [parse_split(s) for s in args.voc_train], parse_split(args.voc_test)
     for year, split in train_splits + [test_split]:
         check_voc_layout(args.data, year, split, args.download)
-    train_set = torch.utils.data.ConcatDataset([
-        torchvision.datasets.VOCDetection(args.data, year, split, download=args.download,
-                                          transforms=VOCTarget(flip=True)) for year, split in train_splits])
-    test_set = torchvision.datasets.VOCDetection(args.data, *test_split, download=args.download,
-                                                 transforms=VOCTarget(flip=False))
+    train_set = torch.utils.data.ConcatDataset([voc_images(args, year, split, flip=True) for year, split in train_splits])
+    test_set = voc_images(args, *test_split, flip=False)
     test_count = min(len(test_set), args.test_limit or len(test_set))
     args.batch_size = args.batch_size or 16
     local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
 
     # ---- network: Faster R-CNN, our ResNet under an FPN ----
-    backbone, width, described = linear_eval.load_pretrained_backbone(args.init, args.arch, args.image_size, args.seed)
-    settings = settings_of(args, DETECT_SETTINGS, backbone)
+    backbone, width, described, settings = starting_backbone(args)
+    settings.update({key: getattr(args, key) for key in DETECT_SETTINGS})
     net = build_detector(backbone, width, len(VOC_CLASSES) + 1, args.min_size, args.test_size, args.max_size,
                          args.det_norm)
     if args.image_size <= 64:
@@ -324,10 +314,9 @@ def detect(args, device):
         f"{args.batch_size}/16 = {base_lr:.6g}, BN {args.det_norm}{' (SyncBN)' if sync_bn else ''}, backbone {described}")
 
     # ---- resume, train, evaluate ----
-    result, ckpt_path = result_files(args)
-    it = (pretrain.resume_from(ckpt_path, settings, net, optimizer) or {}).get("iteration", 0)
-    it = train_detector(model, net, optimizer, train_set, args, settings, base_lr, local_batch, it, ckpt_path,
-                        device, log)
+    ckpt_path = result_stem(args) + "_checkpoint.pt"
+    it = (extract_init.resume_from(ckpt_path, settings, net, optimizer) or {}).get("iteration", 0)
+    it = train_detector(model, net, optimizer, train_set, args, settings, base_lr, local_batch, it, ckpt_path, device)
     t0 = time.perf_counter()
     dsm.broadcast_buffers(net)
     detections = detect_shard(net, test_set, test_count, device)
@@ -336,23 +325,19 @@ def detect(args, device):
         dist.all_gather_object(shards, detections)
         detections = [d for shard in shards for d in shard]
     if dsm.is_main():
-        truths = [voc_objects(test_set.parse_voc_xml(ET.parse(test_set.annotations[i]).getroot()))
-                  for i in range(test_count)]
-        ap = voc_ap(detections, truths, len(VOC_CLASSES), metric=args.ap_metric)
+        ap = voc_ap(detections, test_set.objects[:test_count], len(VOC_CLASSES), metric=args.ap_metric)
         log(f"VOC {args.voc_test} ({test_count} images, {time.perf_counter() - t0:.1f} s): AP {ap['AP']:.2f} "
             f"AP50 {ap['AP50']:.2f} AP75 {ap['AP75']:.2f} ({args.ap_metric} interpolation)")
-        path = result + ".json"
-        extract_init.write_json(path, {
+        extract_init.write_json(result_stem(args) + ".json", {
             "task": "detect", "dataset": "voc", "settings": settings, "init": described,
             "train_images": len(train_set), "test_images": test_count, "iterations": it, "lr": base_lr,
             "AP": ap["AP"], "AP50": ap["AP50"], "AP75": ap["AP75"], "ap_metric": args.ap_metric,
             "per_class": {c: {"AP": a, "AP50": a50} for c, a, a50 in
                           zip(VOC_CLASSES, ap["per_class_AP"], ap["per_class_AP50"])}})
-        log(f"wrote {path}")
+        log(f"wrote {result_stem(args)}.json")
 
 
-def train_detector(model, net, optimizer, train_set, args, settings, base_lr, local_batch, it, ckpt_path,
-                   device, log):
+def train_detector(model, net, optimizer, train_set, args, settings, base_lr, local_batch, it, ckpt_path, device):
     """Iterations it..--iters: warm-up and step lr (detection_lr), a checkpoint every --ckpt-every.
     An epoch's order is fixed by (seed, epoch), so a resumed run skips exactly the batches taken."""
     world, rank = dsm.get_world_size(), dsm.get_rank()
@@ -361,43 +346,37 @@ def train_detector(model, net, optimizer, train_set, args, settings, base_lr, lo
     steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images; use a smaller one")
-    meter = pretrain.Meter()
+    meter = extract_init.Meter()
     while it < args.iters:
         epoch, skip = divmod(it, steps_per_epoch)
-        dsm.PROGRESS["where"] = f"at iteration {it} of {args.iters} (saved every {args.ckpt_every} in {os.path.basename(ckpt_path)})"
-        pretrain.seed_everything(pretrain.step_seed(args.seed, it, rank))
+        extract_init.PROGRESS["where"] = f"at iteration {it} of {args.iters} (saved every {args.ckpt_every} in {os.path.basename(ckpt_path)})"
+        extract_init.seed_everything(extract_init.step_seed(args.seed, it, rank))
         sampler.set_epoch(epoch)
         order = list(sampler)
         batches = [order[i:i + local_batch] for i in range(skip * local_batch, steps_per_epoch * local_batch, local_batch)]
         loader = extract_init.data_loader(train_set, args, device, batch_sampler=batches,
-                                          collate_fn=pretrain.collate_lists)
+                                          collate_fn=extract_init.collate_lists)
         model.train()
         for (images, targets), wait in extract_init.timed_batches(loader):
-            meter.wait += wait
             lr = detection_lr(base_lr, it, args.warmup_iters, args.lr_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = model([im.to(device, non_blocking=True) for im in images],
                            [{k: v.to(device) for k, v in t.items() if k != "difficult"} for t in targets])
             loss = sum(losses.values())
-            value = linear_eval.average_over_ranks(loss.item(), device)  # the same on every rank: all stop together
-            if not math.isfinite(value):
-                fail(f"loss is {value} at iteration {it}; {ckpt_path} holds the last checkpoint; "
-                     f"lower --lr or raise --warmup-iters and rerun to resume")
+            value = linear_eval.mean_over_ranks(loss.item(), device)  # the same on every rank: all stop together
+            extract_init.stop_if_not_finite(value, f"iteration {it}", f"{ckpt_path} holds the last checkpoint; "
+                                            "lower --lr or raise --warmup-iters and rerun to resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             it += 1
-            meter.add(value)
+            meter.add(value, wait)
             if it % args.print_freq == 0 or it == args.iters:
-                r = meter.report(epoch, it, args.iters, it, lr, args.batch_size, args.batch_size, args.iters - it, device)
                 parts = " ".join(f"{k.removeprefix('loss_')} {v.item():.3f}" for k, v in losses.items())
-                log(f"iter {it}/{args.iters} loss {r['loss']:.4f} ({parts}) lr {lr:.4g} img/s {r['images_per_s']:.1f} "
-                    f"data {100 * r['data_wait']:.0f}% eta {pretrain.format_seconds(r['eta_s'])} "
-                    f"mem {r['peak_mem_gib']:.2f}G", flush=True)
-                meter = pretrain.Meter()
+                meter.line(f"iter {it}/{args.iters}", lr, args.batch_size, args.iters - it, device, f" ({parts})")
             if it % args.ckpt_every == 0 or it == args.iters:
-                pretrain.save_for_resume(ckpt_path, settings, net, optimizer, iteration=it)
+                extract_init.save_for_resume(ckpt_path, settings, net, optimizer, iteration=it)
             if it == args.iters:
                 break
     return it
@@ -420,35 +399,58 @@ def build_detector(backbone, width, num_classes, min_size, test_size, max_size, 
     return model
 
 
-class VOCTarget:
-    """VOCDetection's (PIL image, parsed XML) -> (float image [3, H, W] in [0, 1], {"boxes", "labels",
+class VOCImages(torch.utils.data.Dataset):
+    """VOC images with their checked objects: (float image [3, H, W] in [0, 1], {"boxes", "labels",
     "difficult"}), with a random horizontal flip for training. The model normalises the image itself."""
 
-    def __init__(self, flip):
-        self.flip = flip
+    def __init__(self, images, objects, flip):
+        self.images, self.objects, self.flip = images, objects, flip
 
-    def __call__(self, image, target):
-        boxes, labels, difficult = voc_objects(target)
-        image = TF.to_tensor(image)
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = TF.to_tensor(extract_init.load_rgb(self.images[index]))
+        boxes, labels, difficult = self.objects[index]
         if self.flip and random.random() < 0.5:
             image = image.flip(-1)
             boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1], image.shape[-1] - boxes[:, 0], boxes[:, 3]], 1)
         return image, {"boxes": boxes, "labels": labels, "difficult": difficult}
 
 
-def voc_objects(target):
-    """Parsed VOC XML -> (boxes [n, 4] float, labels [n] int64 in 1..20, difficult [n] bool). VOC's
-    1-based inclusive pixel corners become continuous coordinates (xmin - 1, ymin - 1, xmax, ymax)."""
-    objects = target["annotation"].get("object", [])
+def voc_images(args, year, split, flip):
+    """The VOCImages of one year:split: the files torchvision's VOCDetection lists (it downloads with
+    --download), every annotation parsed and checked now (voc_objects), before any training."""
+    listed = torchvision.datasets.VOCDetection(args.data, year, split, download=args.download)
+    return VOCImages(listed.images, [voc_objects(path) for path in listed.annotations], flip)
+
+
+def voc_objects(path):
+    """One VOC annotation file -> (boxes [n, 4] float, labels [n] int64 in 1..20, difficult [n] bool),
+    VOC's 1-based inclusive corners as continuous coordinates (xmin - 1, ymin - 1, xmax, ymax). A file
+    that does not parse, an object without a known <name> or a <bndbox> with xmin < xmax, ymin < ymax
+    inside the image stops the run with one line naming the file."""
+    fix = "fix or restore it from the VOC tar"
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        fail(f"{path} is not a readable VOC annotation ({e}); {fix}")
+    width, height = (float(root.findtext(f"size/{key}") or 0) for key in ("width", "height"))
     boxes, labels, difficult = [], [], []
-    for obj in objects if isinstance(objects, list) else [objects]:
-        if obj["name"] not in VOC_CLASSES:
-            fail(f"{target['annotation'].get('filename', '?')}: unknown class {obj['name']!r}; "
-                 f"VOC has {', '.join(VOC_CLASSES)}")
-        b = obj["bndbox"]
-        boxes.append([float(b["xmin"]) - 1, float(b["ymin"]) - 1, float(b["xmax"]), float(b["ymax"])])
-        labels.append(VOC_CLASSES.index(obj["name"]) + 1)
-        difficult.append(obj.get("difficult", "0") == "1")
+    for obj in root.iter("object"):
+        name, box = obj.findtext("name"), obj.find("bndbox")
+        if name not in VOC_CLASSES:
+            fail(f"{path}: unknown class {name!r}; VOC has {', '.join(VOC_CLASSES)}; {fix}")
+        try:
+            x0, y0, x1, y1 = (float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax"))
+        except (AttributeError, TypeError, ValueError):
+            fail(f"{path}: a {name} has no <bndbox> with numeric xmin, ymin, xmax, ymax; {fix}")
+        if not (0 <= x0 < x1 and 0 <= y0 < y1) or (width and x1 > width) or (height and y1 > height):
+            fail(f"{path}: the {name} box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty or outside the "
+                 f"{width:g} x {height:g} image; {fix}")
+        boxes.append([x0 - 1, y0 - 1, x1, y1])
+        labels.append(VOC_CLASSES.index(name) + 1)
+        difficult.append(obj.findtext("difficult", "0").strip() == "1")
     return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64),
             torch.tensor(difficult, dtype=torch.bool))
 
@@ -496,13 +498,11 @@ def detect_shard(net, dataset, count, device):
     """This process's detections on its contiguous shard of the first `count` test images:
     a list of (image index, boxes [n, 4], scores [n], labels [n] in 0..19) on the CPU."""
     start, end = dsm.shard_range(count, dsm.get_rank(), dsm.get_world_size())
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, end)), batch_size=1,
-                                         collate_fn=pretrain.collate_lists)
     net.eval()
     train_sizes, net.transform.min_size = net.transform.min_size, (net.transform.test_size,)
     out = []
-    for i, (images, _) in zip(range(start, end), loader):
-        (pred,) = net([images[0].to(device)])
+    for i in range(start, end):
+        (pred,) = net([dataset[i][0].to(device)])
         out.append((i, pred["boxes"].float().cpu(), pred["scores"].float().cpu(), pred["labels"].cpu() - 1))
     net.transform.min_size = train_sizes
     return out
@@ -578,8 +578,8 @@ def interpolated_ap(recall, precision, metric="all-point"):
 def export(args, device):
     if not dsm.is_main():
         return
-    backbone, _, described = linear_eval.load_pretrained_backbone(args.init, args.arch, args.image_size, args.seed)
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    backbone, _, described = linear_eval.load_pretrained_backbone(args.init, args.arch, args.image_size, args.seed, flag="--init")
+    state = extract_init.cpu_state(backbone)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "backbone" + ("_random" if args.init == "random" else ""))
     tv_path, d2_path = stem + "_torchvision.pth", stem + "_detectron2.pkl"
@@ -592,7 +592,7 @@ def export(args, device):
     if small:
         print("note: this backbone has the small-image 3x3 stem; detectron2's and mmdetection's default "
               "ResNets have a 7x7 stem and skip stem.conv1 with only a warning")
-    path = result_files(args)[0] + ".json"
+    path = result_stem(args) + ".json"
     extract_init.write_json(path, {"task": "export", "dataset": "backbone", "settings": vars(args), "init": described,
                                    "torchvision": tv_path, "detectron2": d2_path, "tensors": len(state),
                                    "stem": "3x3 stride 1, no max-pool" if small else "7x7 stride 2 + max-pool"})

@@ -18,16 +18,10 @@ pieces that collectives stitch together. Per process and training step (the pape
 No max all-reduce is needed: |cos| <= 1 bounds |s_ij| by 1/tau <= 40, where exp can neither
 overflow nor underflow in fp32. The same code runs on gloo (CPU) and NCCL (GPU); without a
 process group it is the plain single-process cosine softmax. Below the softmax: the collectives on
-rows that the stages share, then (one banner) what every stage needs from the process group.
+rows that the stages share; then, behind one banner, what every stage needs from the process group.
 """
-import contextlib
-import fcntl
-import glob
-import json
+import math
 import os
-import signal
-import socket
-import sys
 
 import torch
 import torch.distributed as dist
@@ -336,6 +330,34 @@ def send_rows_to_owners(ids, rows, num_rows):
     return shard
 
 
+@torch.no_grad()
+def nearest_rows(queries, rows, k, start=0, exclude=None, chunk_size=4096, sharded=True):
+    """(similarities, ids) [Q, k] of the k rows most similar to each query (dot products, most
+    similar first) over every rank's shard of `rows` (`start`: the id of this rank's first row): a
+    running top-k over chunks of the local rows, then one all_gather of every rank's candidates
+    (sharded=False: `rows` is the whole table, no collective). Fewer than k rows leave padding (id
+    -1, -inf). `exclude`: one id per query that is not its own neighbour (the query itself)."""
+    values = torch.full((len(queries), k), -math.inf, device=queries.device)
+    ids = torch.full((len(queries), k), -1, dtype=torch.long, device=queries.device)
+    for c0 in range(0, len(rows), chunk_size):
+        scores = queries @ rows[c0:c0 + chunk_size].t()
+        block_ids = torch.arange(start + c0, start + c0 + scores.shape[1], device=queries.device)
+        if exclude is not None:
+            scores[block_ids[None] == exclude.to(queries.device)[:, None]] = -math.inf
+        values, ids = merge_top_k(values, ids, scores, block_ids.expand_as(scores), k)
+    if sharded and get_world_size() > 1:  # [W*Q, k] -> [Q, W*k]: every rank's candidates of each query
+        values, ids = (all_gather_rows(t).view(-1, *t.shape).transpose(0, 1).flatten(1) for t in (values, ids))
+        values, ids = merge_top_k(values[:, :0], ids[:, :0], values, ids, k)
+    return values, ids
+
+
+def merge_top_k(values, ids, new_values, new_ids, k, sorted=True):
+    """The k largest of [values, new_values] per row, with their ids: the running top-k of every
+    search (kNN, 01's retrieval, 03's hard classes)."""
+    values, pick = torch.cat([values, new_values], 1).topk(k, dim=1, sorted=sorted)
+    return values, torch.cat([ids, new_ids], 1).gather(1, pick)
+
+
 def seeded_rows(start, end, seed, draw, block=4096):
     """Rows [start, end) of a table drawn block by block, draw(generator, block) with a generator
     seeded by (seed, block index): the same rows whatever shards they are cut into."""
@@ -358,6 +380,32 @@ def get_rank():
 
 def is_main():
     return get_rank() == 0
+
+
+def join_process_group(device="auto"):
+    """Join torchrun's process group when launched by torchrun (NCCL on CUDA, gloo on CPU; else one
+    plain process) and return this process's device."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return dev
+
+
+def data_parallel(module, device):
+    """`module` in DDP over the process group (one device per process), or as it is in one process."""
+    if get_world_size() == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def broadcast_buffers(module):
+    """Rank 0's buffers (BN statistics) on every rank. DDP does this at the start of each training
+    forward; evaluations and saved files call it, so that one network has one set of statistics."""
+    for buffer in module.buffers() if get_world_size() > 1 else ():
+        dist.broadcast(buffer, src=0)
 
 
 def gather_classifier(classifier, optimizer=None):
@@ -385,143 +433,3 @@ def load_classifier(classifier, state, optimizer=None):
     if optimizer is not None and state.get("momentum") is not None:
         optimizer.state[classifier.weight]["momentum_buffer"] = (
             state["momentum"][rows].to(classifier.weight.device, classifier.weight.dtype).clone())
-
-
-def data_parallel(module, device):
-    """`module` in DDP over the process group (one device per process), or as it is in one process."""
-    if get_world_size() == 1:
-        return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
-
-
-def broadcast_buffers(module):
-    """Rank 0's buffers (BN statistics) on every rank. DDP does this at the start of each training
-    forward; evaluations and saved files call it so that one network has one set of statistics."""
-    for buffer in module.buffers() if get_world_size() > 1 else ():
-        dist.broadcast(buffer, src=0)
-
-
-class InputError(Exception):
-    """A problem with the user's input found where fail() cannot stop the run (a loader worker);
-    stage() ends the run with its message as one line."""
-
-
-class Terminated(BaseException):
-    """SIGTERM (torchrun stopping the processes after one failed, or a job scheduler)."""
-
-
-def fail(message, code=2):
-    """One line on stderr, then exit with `code` (2: a problem with the input), no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-PROGRESS = {"where": None}  # set by the training loops: what the line of an interrupted run says
-
-
-@contextlib.contextmanager
-def stage(args):
-    """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
-    process group (NCCL on CUDA, gloo on CPU), hold the run folder RUN (--out) against a second run,
-    remove the temporary files a killed run left there, print the arguments, and leave the group at
-    the end. Every way of stopping that is not a bug of this process ends in one line on stderr:
-    a bad input (exit 2, also one found in a loader worker), a loader that stopped delivering, a
-    peer process that failed, Ctrl-C or SIGTERM (where the run stands, exit 130 / 143)."""
-    owns_group = not dist.is_initialized()
-    device = join_process_group(args.device)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    PROGRESS["where"], lock = None, None
-    try:
-        lock = _hold_run_folder(args.out, device)
-        if is_main():
-            print("args: " + json.dumps(vars(args), sort_keys=True), flush=True)
-        yield device
-        if owns_group and dist.is_initialized():
-            dist.barrier()  # gloo aborts a rank that leaves while others still talk
-            dist.destroy_process_group()
-    except BaseException as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one line, even if a second signal follows
-        _stop_with_one_line(e, args.out)
-        raise  # a bug of this process: the traceback is what it should show
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        if lock is not None:
-            lock.close()  # lets go of the flock
-
-
-def _stop_with_one_line(e, out):
-    if isinstance(e, (KeyboardInterrupt, Terminated)):
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
-        if isinstance(e, Terminated) and get_world_size() > 1:
-            what += " (torchrun sends it to every process when one fails: see that one's message)"
-        where = f" {PROGRESS['where']};" if PROGRESS["where"] else ""
-        fail(f"{what};{where} what was saved in {out} is kept, and the same command resumes from it",
-             130 if isinstance(e, KeyboardInterrupt) else 143)
-    if isinstance(e, InputError):  # from a loader worker its text ends with "InputError: <message>"
-        fail(str(e).strip().splitlines()[-1].split("InputError: ")[-1])
-    if isinstance(e, dist.DistBackendError) or (isinstance(e, RuntimeError) and "closed by peer" in str(e)):
-        fail("stopped because another process failed (see its message; torchrun's summary names it); "
-             f"what was saved in {out} is kept, and the same command resumes from it")
-    if isinstance(e, RuntimeError) and str(e).startswith("DataLoader"):
-        fail(f"the data loader stopped delivering batches ({str(e).splitlines()[0].rstrip('.')}): a loader worker "
-             "died (out of memory?) or a read hung; rerun the same command to resume, with fewer --workers, "
-             "--workers 0, or a longer --loader-timeout")
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-def join_process_group(device="auto"):
-    """torchrun's process group when launched by torchrun (else one plain process); the device."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return dev
-
-
-def _hold_run_folder(out, device):
-    """Rank 0 flocks RUN/.lock (the kernel lets go when the process dies, so no lock outlives its
-    run) and clears what a killed run left; every rank learns the outcome. Returns the lock file."""
-    problem, lock = None, None
-    if is_main():
-        problem, lock = _take_lock(out)
-        for stale in glob.glob(os.path.join(out, ".tmp-*")) if lock else ():
-            os.remove(stale)
-            print(f"removed {stale}, a half-written file of a killed run", flush=True)
-    if get_world_size() > 1:
-        ok = torch.tensor([problem is None], dtype=torch.int32, device=device)
-        dist.broadcast(ok, src=0)
-        if not ok.item() and not is_main():
-            fail("stopped because process 0 failed (see its message)")
-    if problem:
-        fail(problem)
-    return lock
-
-
-def _take_lock(out):
-    """(problem or None, the open RUN/.lock flocked by this process, holding "host pid")."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"--out {out} is a file, not a folder; pass a folder for the run", None
-    try:
-        os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, ".lock"), "a+")
-    except OSError as e:
-        return f"cannot write to the run folder {out} ({e.strerror}); pass an --out you can write to", None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = (lock.read().strip().splitlines() or ["another process"])[0]
-        lock.close()
-        return f"{out} is in use by another run ({holder}); wait for it to end or pass another --out", None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return None, lock

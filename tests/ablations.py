@@ -67,6 +67,7 @@ def run_arm(name, seed, args, num_train):
     log = os.path.join(out, "stages.log")
     init = os.path.join(args.out, "init", "_".join(flags_01).replace("-", "") or "prior", f"seed{seed}")
     if not os.path.isfile(os.path.join(init, "init.pt")):
+        os.makedirs(init, exist_ok=True)
         run("01_extract_init.py", ["--data", args.data, "--out", init, "--workers", "1", "--seed", str(seed),
                                    *NET, *RECIPE_01, *flags_01], os.path.join(os.path.dirname(init), f"seed{seed}.log"))
     for name_ in ("init.pt", "data.json"):

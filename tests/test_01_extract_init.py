@@ -10,7 +10,6 @@ from PIL import Image
 import demo_data
 from helpers import demo_folder, run_distributed, stage, stage_argv
 
-import dist_softmax
 
 
 extract = stage("01_extract_init")
@@ -96,10 +95,13 @@ def test_changed_data_is_refused(tmp_path, capsys):
     run = str(tmp_path / "run")
     root = str(tmp_path)
     first = [os.path.join(root, "train", "a", f"{i}.png") for i in range(5)]
-    extract.check_data_fingerprint(run, first, root)
-    extract.check_data_fingerprint(run, list(first), root)  # the same list again: accepted
+    os.makedirs(os.path.dirname(first[0]))
+    for path in first:
+        open(path, "w").close()
+    extract.check_data(run, first, root)
+    extract.check_data(run, list(first), root)  # the same list again: accepted
     with pytest.raises(SystemExit):
-        extract.check_data_fingerprint(run, first[:4], root)
+        extract.check_data(run, first[:4], root)
     err = capsys.readouterr().err
     assert "5 training images" in err and "4 different" in err and err.count("\n") == 1
 
@@ -109,7 +111,7 @@ def test_a_truncated_image_stops_the_pass_with_a_line_naming_it(tmp_path, capsys
     bad = os.path.join(root, "train", "001_ring", "00001.png")
     with open(bad, "r+b") as f:
         f.truncate(60)
-    with pytest.raises(dist_softmax.InputError, match="00001.png"):
+    with pytest.raises(extract.InputError, match="00001.png"):
         extract.ImageList([bad], extract.eval_transform(SIZE))[0]
     with pytest.raises(SystemExit) as exit_info:
         run_01(root, str(tmp_path / "run"))
@@ -206,12 +208,12 @@ def test_the_prior_keeps_a_class_signal_that_class_sorted_batches_would_remove(t
     root = colour_classes(str(tmp_path / "colours"))
     paths, labels, _ = extract.list_images(os.path.join(root, "train"))
     init = run_01(root, str(tmp_path / "run"))
-    hits, chance, _ = extract.retrieval_top1(init["classifier"]["weight"], labels, len(paths), 0, torch.device("cpu"))
+    hits, chance, _ = extract.retrieval_top1(init["classifier"]["weight"], labels, len(paths), 0)
     assert hits > 0.5 > chance
     # The same network on batches of one class each (files in folder order) loses the colour.
     in_file_order = torch.arange(len(paths)).split(BATCH)
     sorted_rows = reference_rows(init["network"], paths, in_file_order, bn_train=True)
-    sorted_hits, _, _ = extract.retrieval_top1(sorted_rows.float(), labels, len(paths), 0, torch.device("cpu"))
+    sorted_hits, _, _ = extract.retrieval_top1(sorted_rows.float(), labels, len(paths), 0)
     assert sorted_hits < chance
 
 
@@ -281,5 +283,5 @@ def test_several_processes_share_the_batches_and_each_row_reaches_its_owner(data
 
 
 def test_help_shows_single_process_torchrun_and_multi_node_commands():
-    text = extract.parser.format_help()
+    text = extract.arguments().format_help()
     assert "python 01_extract_init.py" in text and "torchrun --nproc_per_node" in text and "--nnodes" in text

@@ -78,7 +78,7 @@ def sha256(path):
 # ---------------------------------------------------------------- schedule
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
-    lr = pretrain.learning_rate
+    lr = extract.cosine_lr
     assert lr(0.4, 1.0, 2, 10) == pytest.approx(0.2)
     assert lr(0.4, 2.0, 2, 10) == pytest.approx(0.4)
     assert lr(0.4, 6.0, 2, 10) == pytest.approx(0.2)  # half-way through the cosine
@@ -239,7 +239,7 @@ def plain_trainer(data, out, steps_per_epoch, epochs, batch, lr, alpha, k, tau=0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True)
     losses, turns = [], []
     for epoch in range(epochs):
-        torch.manual_seed(pretrain.step_seed(0, epoch, 0))
+        torch.manual_seed(extract.step_seed(0, epoch, 0))
         sampler.set_epoch(epoch)
         with torch.no_grad():
             similar = F.normalize(rows, dim=1) @ F.normalize(rows, dim=1).t()
@@ -482,7 +482,7 @@ def test_device_augmentations_equal_torchvision_functional_ops():
     for op, reference, f in ((0, functional.adjust_brightness, factor), (1, functional.adjust_contrast, factor),
                              (2, functional.adjust_saturation, factor), (3, functional.adjust_hue, shift)):
         expected = torch.stack([reference(image, float(value)) for image, value in zip(x, f)])
-        torch.testing.assert_close(pretrain.JITTER[op](x, f).clamp(0, 1), expected, atol=2e-6, rtol=0)
+        torch.testing.assert_close(pretrain.COLOUR_OPS[op](x, f).clamp(0, 1), expected, atol=2e-6, rtol=0)
     sigma = 0.1 + 1.9 * torch.rand(6, generator=generator)
     expected = torch.stack([functional.gaussian_blur(image, [5, 5], [float(s)] * 2) for image, s in zip(x, sigma)])
     torch.testing.assert_close(pretrain.gaussian_blur(x, sigma, 5), expected, atol=1e-6, rtol=0)

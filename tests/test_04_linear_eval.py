@@ -13,7 +13,6 @@ from helpers import demo_folder, run_distributed, stage, stage_argv
 import dist_softmax
 
 extract = stage("01_extract_init")
-pretrain = stage("02_pretrain")
 evaluation = stage("04_linear_eval")
 torch.set_num_threads(1)
 
@@ -120,8 +119,8 @@ def test_the_random_baseline_gets_bn_statistics_of_the_training_images(data, tmp
     torch.manual_seed(0)
     backbone, _ = extract.build_backbone("resnet18", SIZE)
     paths, _, _ = extract.list_images(os.path.join(data, "train"))
-    args = type("Args", (), {"image_size": SIZE, "workers": 0, "seed": 0})
-    evaluation.estimate_bn_statistics(backbone, paths, args, torch.device("cpu"), print)
+    args = argparse.Namespace(image_size=SIZE, workers=0, seed=0)
+    evaluation.estimate_bn_statistics(backbone, paths, args, torch.device("cpu"))
     assert not backbone.training
     # 18 images are one batch: the first BN holds the mean and unbiased variance of conv1's outputs.
     images = torch.stack([extract.ImageList(paths, extract.eval_transform(SIZE))[i][0] for i in range(len(paths))])
@@ -160,7 +159,7 @@ def _evaluate_on_processes(rank, world_size, data, expected):
     backbone, width = extract.build_backbone("resnet18", SIZE)
     probe = evaluation.Probe(backbone, width, 3, frozen=True)
     paths, _, classes = extract.list_images(os.path.join(data, "train"))
-    val_paths, val_labels = pretrain.list_val_images(data, classes)
+    val_paths, val_labels = extract.list_val_images(data, classes)
     val = extract.ImageList(val_paths, extract.eval_transform(SIZE), val_labels)
     result = evaluation.evaluate(probe, val, 2, argparse.Namespace(workers=0, loader_timeout=60), torch.device("cpu"))
     if expected is not None:
@@ -200,7 +199,7 @@ def _nan_on_rank_1(rank, world_size):
     loader = [(images, torch.tensor([0, 1]))]
     args = argparse.Namespace(epochs=1, print_freq=10, batch_size=4)
     with pytest.raises(SystemExit) as stopped:
-        evaluation.image_epoch(model, optimizer, loader, args, 0, torch.device("cpu"), print)
+        evaluation.image_epoch(model, optimizer, loader, args, 0, torch.device("cpu"))
     assert stopped.value.code == 2
 
 
@@ -251,27 +250,32 @@ def test_resuming_with_other_settings_is_refused(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------- weighted kNN
 
-def brute_force_knn_scores(train_x, train_y, queries, num_classes, k, temperature):
-    """float64, one process, the whole similarity matrix at once."""
+def brute_force_knn_accuracy(train_x, train_y, queries, query_y, num_classes, k, temperature):
+    """float64, one process, the whole similarity matrix at once: (top-1 %, top-5 %)."""
     sim = queries.double() @ train_x.double().t()
     values, index = sim.topk(min(k, len(train_x)), dim=1)
     scores = torch.zeros(len(queries), num_classes, dtype=torch.float64)
-    return scores.scatter_add_(1, train_y[index], (values / temperature).exp())
+    scores.scatter_add_(1, train_y[index], (values / temperature).exp())
+    top = scores.topk(5, dim=1).indices == query_y[:, None]
+    return 100 * top[:, 0].double().mean().item(), 100 * top.any(1).double().mean().item()
 
 
 def _knn_against_brute_force(rank, world_size):
     generator = torch.Generator().manual_seed(0)
     train_x = F.normalize(torch.randn(37, 8, generator=generator), dim=1)
-    train_y = torch.randint(0, 4, (37,), generator=generator)
+    train_y = torch.randint(0, 6, (37,), generator=generator)
     queries = F.normalize(torch.randn(11, 8, generator=generator), dim=1)
+    query_y = torch.randint(0, 6, (11,), generator=generator)
     start, end = dist_softmax.shard_range(37, rank, world_size)  # 19 / 18 rows
     ks = [1, 5, 20, 200]  # 20 exceeds a shard, 200 the whole train set
-    scores = pretrain.knn_class_scores(train_x[start:end], train_y[start:end], queries, 4, ks,
-                                       temperature=0.07, chunk_size=4)
-    assert sorted(scores) == ks
+    accuracy = extract.knn_accuracy(train_x[start:end], start, train_y, queries, query_y, 6, ks, temperature=0.07,
+                                    chunk_size=4)
+    assert sorted(accuracy) == ks
     for k in ks:
-        expected = brute_force_knn_scores(train_x, train_y, queries, 4, k, 0.07)
-        torch.testing.assert_close(scores[k].double(), expected, rtol=1e-5, atol=1e-6)
+        expected = brute_force_knn_accuracy(train_x, train_y, queries, query_y, 6, k, 0.07)
+        assert accuracy[k] == pytest.approx(expected), k
+    _, ids = dist_softmax.nearest_rows(queries, train_x[start:end], 7, start, chunk_size=4)
+    assert torch.equal(ids, (queries @ train_x.t()).topk(7, dim=1).indices)
 
 
 def test_knn_scores_equal_brute_force_float64_on_one_process():
@@ -357,7 +361,7 @@ def test_tiny_imagenet_val_layout_loads_with_the_train_class_order(tmp_path):
     (root / "val" / "val_annotations.txt").write_text("".join(f"{n}\t{c}\t0\t0\t8\t8\n" for n, c in rows))
     _, _, classes = extract.list_images(str(root / "train"))
     assert classes == ["n01", "n02", "n03"]
-    paths, labels = pretrain.list_val_images(str(root), classes)
+    paths, labels = extract.list_val_images(str(root), classes)
     assert [os.path.basename(p) for p in paths] == ["val_0.JPEG", "val_1.JPEG", "val_2.JPEG", "val_3.JPEG"]
     assert labels == [0, 2, 1, 0]
 
@@ -368,11 +372,11 @@ def test_imagefolder_val_with_fewer_classes_keeps_train_indices_and_unknown_clas
             (tmp_path / split / name).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
     classes = ["cat", "dog", "eel"]
-    assert pretrain.list_val_images(str(tmp_path), classes)[1] == [2]
+    assert extract.list_val_images(str(tmp_path), classes)[1] == [2]
     (tmp_path / "val" / "fox").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "fox" / "0.png")
     with pytest.raises(SystemExit):
-        pretrain.list_val_images(str(tmp_path), classes)
+        extract.list_val_images(str(tmp_path), classes)
     assert "['fox'] that train/ lacks" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
 """05_transfer.py: fine-tuned classification, VOC detection with its AP evaluator, backbone export."""
+import argparse
 import json
 import os
 import pickle
@@ -326,8 +327,12 @@ def voc(tmp_path_factory):
     return demo_data.make_demo_voc(str(tmp_path_factory.mktemp("voc") / "voc"), train07=6, test07=5, train12=4)
 
 
+def voc_test_set(voc):
+    return transfer.voc_images(argparse.Namespace(data=voc, download=False), "2007", "test", flip=False)
+
+
 def test_demo_voc_is_read_by_torchvision_voc_detection(voc):
-    dataset = torchvision.datasets.VOCDetection(voc, "2007", "test", transforms=transfer.VOCTarget(flip=False))
+    dataset = voc_test_set(voc)
     image, target = dataset[0]
     assert len(dataset) == 5 and image.shape == (3, 96, 96)
     assert target["boxes"].shape[1] == 4 and len(target["labels"]) >= 1 and target["labels"].min() >= 1
@@ -398,7 +403,7 @@ def test_two_process_detection_evaluates_each_test_image_once(voc, tmp_path):
     model = transfer.build_detector(extract.build_backbone("resnet18", 224)[0], 512, 21, [64, 80], 64, 96)
     model.load_state_dict(torch.load(os.path.join(out, "transfer_detect_voc_checkpoint.pt"),
                                      weights_only=True)["network"])
-    dataset = torchvision.datasets.VOCDetection(voc, "2007", "test", transforms=transfer.VOCTarget(flip=False))
+    dataset = voc_test_set(voc)
     detections = transfer.detect_shard(model, dataset, 5, torch.device("cpu"))
     truths = [dataset[i][1] for i in range(5)]
     truths = [(t["boxes"], t["labels"], t["difficult"]) for t in truths]

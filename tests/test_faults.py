@@ -26,7 +26,6 @@ from PIL import Image
 import demo_data
 from helpers import ROOT, free_port, run_script, stage
 
-import dist_softmax
 
 extract = stage("01_extract_init")
 torch.set_num_threads(1)
@@ -131,6 +130,8 @@ def test_a_truncated_image_is_one_line_naming_the_file(script, extra, data, run,
     bad = os.path.join(root, "train", "001_ring", "00003.png")
     with open(bad, "r+b") as f:
         f.truncate(60)
+    paths, _, _ = extract.list_images(os.path.join(root, "train"))
+    extract.check_data(run, paths, root, replace=True)  # broken already when the run was made
     done = run_script(script, [*network(run, root), *extra])
     assert_one_line_failure(done, bad)
 
@@ -567,7 +568,7 @@ def test_a_stuck_read_ends_the_run_with_one_line_after_the_loader_timeout(tmp_pa
     args = argparse.Namespace(out=str(tmp_path / "run"), device="cpu", workers=1, loader_timeout=2)
     started = time.time()
     with pytest.raises(SystemExit) as stopped:
-        with dist_softmax.stage(args) as device:
+        with extract.stage(args) as device:
             for _ in extract.data_loader(StuckRead(), args, device, batch_size=2):
                 pass
     assert stopped.value.code == 2 and time.time() - started < 30
