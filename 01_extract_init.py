@@ -32,6 +32,7 @@ import contextlib
 import copy
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -570,7 +571,7 @@ def check_data(run_dir, paths, data_root, replace=False):
     path, identity = os.path.join(run_dir, "data.json"), dict(found)
     if not dsm.is_main():
         return identity
-    found["files"] = hashlib.sha256(" ".join(f"{s.st_size}:{s.st_mtime_ns}" for s in map(os.stat, paths)).encode()).hexdigest()
+    found["files"] = hashlib.sha256(" ".join(file_stamp(p) for p in paths).encode()).hexdigest()
     if replace or not os.path.isfile(path):
         write_json(path, {**found, "root": os.path.abspath(data_root)})
         return identity
@@ -587,6 +588,14 @@ def check_data(run_dir, paths, data_root, replace=False):
         fail(f"images under {data_root}/train changed in place since this run's 01 (same names, other sizes or "
              "modification times): its rows belong to the old images; restore them, or rerun 01 with a new --out")
     return identity
+
+
+def file_stamp(path):
+    try:
+        info = os.stat(path)
+    except OSError as e:  # a broken link, a file gone since the listing
+        fail(bad_image(path, e))
+    return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 def list_val_images(data_root, classes):
@@ -652,12 +661,13 @@ class ImageList(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.paths[index])), index if self.labels is None else self.labels[index]
 
 
-def load_rgb(path):
-    """The image at `path` as 8-bit RGB. 16-bit, 32-bit and float images are scaled by their own range
-    (65535 for 16-bit values, else their maximum), not clipped to white; a file PIL cannot decode, or
-    one too large to decode safely (PIL's decompression-bomb guard), is an InputError naming it."""
+def load_rgb(path, data=None):
+    """The image at `path` (or its bytes `data`) as 8-bit RGB. 16-bit, 32-bit and float images are
+    scaled by their own range (65535 for 16-bit values, else their maximum), not clipped to white; a
+    file PIL cannot decode, or one too large to decode safely (PIL's decompression-bomb guard), is
+    an InputError naming it. Decoder warnings (a corrupt JPEG's extra bytes) stay silent."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 pixels = np.asarray(image, dtype=np.float64)
                 top = 65535.0 if image.mode != "F" and pixels.max() <= 65535 else max(pixels.max(), 1e-12)

@@ -387,24 +387,16 @@ class DeviceViews(torch.utils.data.Dataset):
         return extract_init.data_loader(self, self.args, self.device, batch_sampler=batches, collate_fn=extract_init.collate_lists)
 
     def decode(self, encoded, ids):
-        """uint8 [3, H, W] images on the device; what torchvision cannot decode to 8-bit RGB goes
-        through 01's load_rgb (16-bit PNGs, odd formats), which names a broken file."""
+        """uint8 [3, H, W] images on the device: a batch of JPEGs by the GPU's decoder on CUDA, else
+        each image by 01's load_rgb (every format; a broken file gets the PIL path's one line)."""
         if self.device.type == "cuda" and all(e[:2].tolist() == [0xFF, 0xD8] for e in encoded):  # JPEG
             try:
                 return torchvision.io.decode_jpeg(list(encoded), mode=torchvision.io.ImageReadMode.RGB,
                                                   device=self.device)
             except RuntimeError:
-                pass  # a JPEG the GPU decoder refuses (CMYK...): one by one below, naming a broken file
-        images = []
-        for data, i in zip(encoded, ids):
-            try:
-                image = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
-            except RuntimeError:
-                image = None
-            if image is None or image.dtype != torch.uint8:
-                image = torch.from_numpy(np.asarray(extract_init.load_rgb(self.paths[i])).copy()).permute(2, 0, 1)
-            images.append(image.to(self.device, non_blocking=True))
-        return images
+                pass  # a JPEG the GPU decoder refuses (CMYK, broken...): one by one below
+        return [torch.from_numpy(np.asarray(extract_init.load_rgb(self.paths[i], data.numpy().tobytes())).copy())
+                .permute(2, 0, 1).to(self.device, non_blocking=True) for data, i in zip(encoded, ids)]
 
     def batches(self, sampler, local_batch, epoch):
         """One epoch of ((views [2b, 3, S, S], ids [b]) on the device, seconds spent on them)."""

@@ -8,9 +8,11 @@ a half-written checkpoint. Every stage accepts a run folder written with another
 import argparse
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -639,3 +641,183 @@ def test_ctrl_c_or_sigterm_is_one_line_saying_where_the_run_stands(signum, code,
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+# ---------------------------------------------------------------- inputs that cannot give a wrong number
+
+def tiny_imagenet_val(data, tmp_path, text):
+    """A copy of `data` whose val/ is tiny-ImageNet's layout: val/images/ + val_annotations.txt."""
+    root = str(tmp_path / "tiny")
+    shutil.copytree(os.path.join(data, "train"), os.path.join(root, "train"))
+    images = os.path.join(root, "val", "images")
+    os.makedirs(images)
+    for path in sorted(glob.glob(os.path.join(data, "val", "*", "*.png")))[:3]:
+        shutil.copy(path, os.path.join(images, os.path.basename(os.path.dirname(path)) + ".png"))
+    write_bytes(os.path.join(root, "val", "val_annotations.txt"), text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("000_circle.png\t000_circle\n000_circle.png\t000_circle\n", "lists 000_circle.png again"),
+    ("000_circle.png\t000_circle\n000_circle.png\t001_ring\n", "as 001_ring, an earlier line as 000_circle"),
+    ("../../../000_circle.png\t000_circle\n", "outside val/images/"),
+    ("/etc/hostname\t000_circle\n", "outside val/images/"),
+    (b"000_circle.png\t000_\xff\xfecircle\n", "is not UTF-8"),
+])
+def test_a_val_annotation_that_would_score_wrongly_is_one_line(text, needle, data, tmp_path, capsys):
+    root = tiny_imagenet_val(data, tmp_path, text)
+    line = stops_with_one_line(capsys, stages["04_linear_eval"].main, *network(str(tmp_path / "run"), root),
+                               "--knn", "--pretrained", "random")
+    assert needle in line and "val_annotations.txt" in line
+
+
+def test_a_val_annotation_with_a_utf8_bom_is_read(data, tmp_path):
+    root = tiny_imagenet_val(data, tmp_path, "\ufeff000_circle.png\t000_circle\n001_ring.png\t001_ring\n")
+    result = stages["04_linear_eval"].main([*network(str(tmp_path / "run"), root), "--knn", "--pretrained", "random"])
+    assert result["val_images"] == 2
+
+
+@pytest.mark.parametrize("change", ["overwritten", "swapped"])
+def test_an_image_changed_in_place_after_01_is_one_line(change, data, tmp_path, capsys):
+    root, out = str(tmp_path / "demo"), str(tmp_path / "run")
+    shutil.copytree(data, root)
+    extract.main([*network(out, root), "--diagnostic-samples", "6"])
+    a, b = sorted(glob.glob(os.path.join(root, "train", "*", "*.png")))[:2]
+    if change == "overwritten":
+        Image.new("RGB", (SIZE, SIZE), (255, 0, 0)).save(a)
+    else:
+        content_a, content_b = open(a, "rb").read(), open(b, "rb").read()
+        write_bytes(a, content_b)
+        write_bytes(b, content_a)
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv_02(root, out, 1))
+    assert "changed in place since this run's 01" in line
+
+
+def test_01_reruns_after_its_own_fix(data, tmp_path, capsys):
+    root, out = str(tmp_path / "demo"), str(tmp_path / "run")
+    shutil.copytree(data, root)
+    bad = os.path.join(root, "train", "001_ring", "00002.png")
+    truncate(bad)
+    line = stops_with_one_line(capsys, extract.main, *network(out, root), "--diagnostic-samples", "6")
+    assert bad in line and "remove or replace that file" in line
+    os.remove(bad)  # exactly what the line says, then the same command
+    extract.main([*network(out, root), "--diagnostic-samples", "6"])
+    assert torch.load(os.path.join(out, "init.pt"), weights_only=True)["classifier"]["num_classes"] == 17
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("damage", ["zero bytes", "broken link", "not an image"])
+def test_the_device_path_names_a_bad_image_in_one_line(damage, cache, data, run, tmp_path, capsys):
+    root = str(tmp_path / "demo")
+    shutil.copytree(data, root)
+    bad = os.path.join(root, "train", "001_ring", "00003.png")
+    os.remove(bad)
+    if damage == "broken link":
+        os.symlink(str(tmp_path / "gone.png"), bad)
+    else:
+        write_bytes(bad, b"" if damage == "zero bytes" else b"this is text, not a picture")
+    os.remove(os.path.join(run, "data.json"))  # the run was made from this (already broken) data
+    argv = [*argv_02(root, run, 1), "--data-path", "device", "--workers", "1"] + (["--cache-images"] if cache else [])
+    line = stops_with_one_line(capsys, stages["02_pretrain"].main, *argv)
+    assert f"cannot read image {bad}" in line and "remove or replace that file" in line
+
+
+def test_a_corrupt_jpeg_on_the_device_path_trains_without_decoder_noise(data, tmp_path):
+    root = str(tmp_path / "jpeg")
+    for path in sorted(glob.glob(os.path.join(data, "train", "*", "*.png"))):
+        target = os.path.join(root, "train", os.path.relpath(path, os.path.join(data, "train")))[:-4] + ".jpg"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        Image.open(path).convert("RGB").save(target)
+    content = open(target, "rb").read()
+    marker = content.find(b"\xff\xda")
+    write_bytes(target, content[:marker] + b"\x00\x01\x02" + content[marker:])  # libjpeg: "Corrupt JPEG data"
+    out = str(tmp_path / "run")
+    extract.main([*network(out, root), "--diagnostic-samples", "6"])
+    done = run_script("02_pretrain", [*argv_02(root, out, 1), "--data-path", "device"])
+    assert done.returncode == 0 and "Corrupt JPEG" not in done.stderr and done.stderr.strip() == "", done.stderr
+
+
+def test_the_log_holds_each_step_once_after_a_kill_during_the_first_checkpoint(data, run, monkeypatch, capsys):
+    real_save = extract.atomic_save
+
+    def killed_in_the_checkpoint(obj, path, **kwargs):
+        if path.endswith("checkpoint.pt"):
+            raise KeyboardInterrupt
+        real_save(obj, path, **kwargs)
+    monkeypatch.setattr(extract, "atomic_save", killed_in_the_checkpoint)
+    with pytest.raises(SystemExit):
+        stages["02_pretrain"].main(argv_02(data, run, 2))
+    monkeypatch.setattr(extract, "atomic_save", real_save)
+    stages["02_pretrain"].main(argv_02(data, run, 2))
+    records = [json.loads(line) for line in open(os.path.join(run, "pretrain_log.jsonl"))]
+    steps = [(r["epoch"], r["step"]) for r in records if "step" in r]
+    assert steps == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert [r["epoch"] for r in records if "epoch_loss" in r] == [0, 1]
+
+
+def test_04s_log_holds_each_epoch_once_after_a_kill_during_a_checkpoint(data, run, monkeypatch):
+    real_save, argv = extract.atomic_save, [*network(run, data), "--pretrained", "random", "--cached-features",
+                                           "--epochs", "2"]
+
+    def killed_in_the_checkpoint(obj, path, **kwargs):
+        if path.endswith("_checkpoint.pt"):
+            raise KeyboardInterrupt
+        real_save(obj, path, **kwargs)
+    monkeypatch.setattr(extract, "atomic_save", killed_in_the_checkpoint)
+    with pytest.raises(SystemExit):
+        stages["04_linear_eval"].main(argv)
+    monkeypatch.setattr(extract, "atomic_save", real_save)
+    stages["04_linear_eval"].main(argv)
+    records = [json.loads(line) for line in open(os.path.join(run, "linear_eval_cached_random_log.jsonl"))]
+    assert [r["epoch"] for r in records] == [0, 1]
+
+
+@pytest.mark.parametrize("content", [b'{"a": 1}', b"plain text\n", bytes(range(256)) * 4, "folder"])
+@pytest.mark.parametrize("script, flag", [("04_linear_eval", "--pretrained"), ("05_transfer", "--init")])
+def test_a_backbone_that_is_not_a_checkpoint_is_named_as_such(content, script, flag, data, tmp_path, capsys):
+    path = str(tmp_path / "backbone.pt")
+    os.mkdir(path) if content == "folder" else write_bytes(path, content)
+    extra = ["--knn"] if script == "04_linear_eval" else ["--task", "classify", "--epochs", "1"]
+    line = stops_with_one_line(capsys, stages[script].main, *network(str(tmp_path / "run"), data), flag, path, *extra)
+    assert line.startswith(f"error: {flag} {path}") or f"{flag} {path}" in line
+    assert ("is a folder, not a checkpoint file" if content == "folder" else "not a torch checkpoint") in line
+    assert "_pickle" not in line and "weights_only" not in line
+
+
+def test_05s_missing_backbone_names_its_own_flag(data, tmp_path, capsys):
+    line = stops_with_one_line(capsys, stages["05_transfer"].main, *network(str(tmp_path / "run"), data),
+                               "--task", "classify", "--epochs", "1")
+    assert "--init" in line and "--pretrained" not in line
+
+
+def voc_with(tmp_path, edit):
+    """The demo VOC tree with the first 2007 test annotation rewritten by edit(text) -> text."""
+    voc = demo_data.make_demo_voc(str(tmp_path / "voc"), train07=4, test07=3, train12=2)
+    path = sorted(glob.glob(os.path.join(voc, "VOCdevkit", "VOC2007", "Annotations", "*.xml")))[-1]
+    write_bytes(path, edit(open(path).read()).encode())
+    return voc, path
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda t: re.sub(r"<bndbox>.*?</bndbox>", "", t, count=1, flags=re.S), "no <bndbox>"),
+    (lambda t: re.sub(r"<name>.*?</name>", "", t, count=1), "unknown class None"),
+    (lambda t: re.sub(r"<xmin>\d+</xmin>", "<xmin>ten</xmin>", t, count=1), "with numeric xmin"),
+    (lambda t: re.sub(r"<xmax>\d+</xmax>", "<xmax>1</xmax>", t, count=1), "is empty or outside"),
+    (lambda t: re.sub(r"<ymax>\d+</ymax>", "<ymax>5000</ymax>", t, count=1), "is empty or outside"),
+    (lambda t: re.sub(r"<name>\w+</name>", "<name>unicorn</name>", t, count=1), "unknown class 'unicorn'"),
+    (lambda t: t[:len(t) // 2], "is not a readable VOC annotation"),
+    (lambda t: '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;">'
+               '<!ENTITY c "&b;&b;&b;&b;&b;&b;">]><annotation>&c;</annotation>' + t, "is not a readable VOC annotation"),
+])
+def test_a_bad_voc_annotation_is_one_line_before_training(edit, needle, tmp_path, capsys):
+    voc, path = voc_with(tmp_path, edit)
+    out = str(tmp_path / "run")
+    torch.manual_seed(0)
+    os.makedirs(out)
+    torch.save(extract.build_backbone("resnet18", 224)[0].state_dict(), os.path.join(out, "backbone.pt"))
+    argv = ["--task", "detect", "--data", voc, "--out", out, "--arch", "resnet18", "--image-size", "224",
+            "--batch-size", "2", "--iters", "2", "--min-size", "64", "--test-size", "64", "--max-size", "96",
+            "--workers", "1"]
+    line = stops_with_one_line(capsys, stages["05_transfer"].main, *argv)
+    assert path in line and needle in line
+    assert not os.path.exists(os.path.join(out, "transfer_detect_voc_checkpoint.pt"))
