@@ -171,10 +171,9 @@ def prior_pass(net, paths, batch_size, args, device):
 
 
 def set_bn_mode(net, mode):
-    """Set up every BN for one of Figure 4's readings; returns the hooks to remove after the pass.
-    running: training mode, its saved statistics the plain average over the pass (momentum None).
-    ema: eval mode, each batch first updating the running averages (momentum 0.1, started from the
-    first batch's statistics), then normalised by them. fixed: eval mode, nothing updated."""
+    """Every BN for one of Figure 4's readings; returns hooks to remove after the pass. running:
+    training mode, saving the plain average over the pass; ema: eval mode, each batch first updating
+    the running averages (momentum 0.1, from the first batch's statistics); fixed: eval mode."""
     net.train(mode == "running")
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
@@ -222,9 +221,8 @@ def retrieval_top1(rows, labels, samples, seed):
 
 @torch.no_grad()
 def view_cosine_gap(net, paths, args, device, batch_size=64):
-    """Figure 4's similarity gap: mean cosine of the embeddings of two augmented views of one
-    instance, and of views of two different instances, on a fixed sample, with BN as in the pass
-    (ema: its final averages), on a copy of the network so its saved statistics stay as they are."""
+    """Figure 4's gap: mean cosine of two augmented views of one instance, and of two instances, on a
+    fixed sample, with BN as in the pass (ema: its final averages), on a copy of the network."""
     net = copy.deepcopy(net).train(args.bn == "running")
     sample = torch.randperm(len(paths), generator=torch.Generator().manual_seed(args.seed + 2))
     sample = sample[:args.diagnostic_samples].tolist()
@@ -259,8 +257,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind, low=None, high=None, open_low=False, open_high=False):
-    """An argparse type: a finite int or float within [low, high] ((low, high] with open_low, ...),
-    else one line that says what it must be."""
+    """An argparse type: a finite int or float in [low, high] (open ends on request), else one line."""
     def parse(text):
         try:
             value = kind(text)
@@ -326,11 +323,9 @@ PROGRESS = {"where": None}  # set by the training loops: what the line of an int
 
 @contextlib.contextmanager
 def stage(args):
-    """Run one stage with its parsed arguments and yield the device (--device): join torchrun's
-    process group, hold the run folder RUN (--out) against a second run (rank 0 flocks RUN/.lock;
-    the kernel lets go when the process dies), remove the temporary files a killed run left, print
-    the arguments, and leave the group at the end. Every way of stopping that is not a bug of this
-    process ends in one line on stderr (see one_line_stop)."""
+    """Run one stage and yield its device: join torchrun's process group, hold the run folder --out
+    against a second run (rank 0 flocks RUN/.lock; the kernel lets go when the process dies),
+    remove what a killed run left, print the arguments, leave the group at the end."""
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     owns_group = not dist.is_initialized()
@@ -355,9 +350,8 @@ def stage(args):
 
 
 def one_line_stop(e, out):
-    """fail() with the line for `e` when it is not a bug: Ctrl-C / SIGTERM (where the run stands,
-    exit 130 / 143), a bad input (also one found in a loader worker), a peer process that failed,
-    a loader that stopped delivering (a dead worker, a read past --loader-timeout)."""
+    """fail() with `e`'s line when it is not a bug: Ctrl-C / SIGTERM (exit 130 / 143), a bad input (also
+    from a loader worker), a peer process that failed, a loader that stopped (dead worker, timeout)."""
     kept = f"what was saved in {out} is kept, and the same command resumes from it"
     if isinstance(e, (KeyboardInterrupt, Terminated)):
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM"
@@ -427,9 +421,8 @@ os.umask(UMASK)
 
 
 def atomic_save(obj, path, dump=torch.save):
-    """dump(obj, binary file) to a temporary file beside `path`, then rename: a crash never leaves
-    half a file, and a full disk leaves the previous file as it was (one line, exit 2). torch.save
-    by default; pickle.dump or a bytes writer work the same way. The file gets the umask's mode."""
+    """dump(obj, file) (torch.save by default) to a temporary file beside `path`, then rename: a crash
+    never leaves half a file, a full disk keeps the previous one (one line). The umask's mode."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -471,9 +464,8 @@ def append_log(path, record, epochs_done=None):
 
 
 def load_run_file(path, needs=(), fix="rerun the stage that writes it", what=None):
-    """torch.load(path, weights_only=True) of a file a stage wrote, as a dict holding the keys
-    `needs`: a folder, anything unreadable, truncated or of another shape stops with one line naming
-    the file (as `what`, e.g. "--pretrained PATH") and `fix`, not a traceback."""
+    """torch.load(path, weights_only=True) as a dict holding the keys `needs`; a folder, anything
+    unreadable, truncated or of another shape: one line naming the file (as `what`) and `fix`."""
     what = what or path
     if os.path.isdir(path):
         fail(f"{what} is a folder, not a checkpoint file; {fix}")
@@ -489,11 +481,9 @@ def load_run_file(path, needs=(), fix="rerun the stage that writes it", what=Non
 
 
 def resume_from(path, settings, network=None, optimizer=None):
-    """The resume contract of every training stage (02, 04, 05): the checkpoint at `path`, or None.
-    A checkpoint written by another stage, for other training data or with other settings is
-    refused with one line naming what differs: resuming it would silently train something else.
-    `settings` holds "stage", "data" (the fingerprint) and flag values by name; the checkpoint's
-    network and optimizer states are loaded into `network` and `optimizer` if given."""
+    """The resume contract of every training stage (02, 04, 05): the checkpoint at `path` (its states
+    loaded into `network` and `optimizer`), or None. One written by another stage or with other
+    `settings` ("stage", "data", flag values) is refused with one line: it would train something else."""
     if not os.path.isfile(path):
         return None
     ckpt = load_run_file(path, ("settings",), "delete it to start over")
@@ -514,8 +504,7 @@ def resume_from(path, settings, network=None, optimizer=None):
 
 
 def save_for_resume(path, settings, network, optimizer, **progress):
-    """What resume_from reads, written atomically by rank 0: the settings, the network and optimizer
-    states and the stage's progress (epoch, history, ...)."""
+    """What resume_from reads, written atomically by rank 0, with the stage's progress (epoch, ...)."""
     if dsm.is_main():
         atomic_save({"settings": settings, "network": cpu_state(network), "optimizer": optimizer.state_dict(),
                      "world_size": dsm.get_world_size(), **progress}, path)
@@ -531,9 +520,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".
 
 
 def list_images(folder):
-    """(paths, labels, classes) for every image below `folder`, recursively, sorted by relative path.
-    label = index of the file's top-level subfolder among the sorted subfolder names (files
-    directly in `folder` form a class named ""). The position in `paths` is the instance id."""
+    """(paths, labels, classes) of every image below `folder`, recursively, sorted by relative path:
+    label = the index of its top-level subfolder (files directly in `folder`: class ""); the
+    position in `paths` is the instance id."""
     if not os.path.isdir(folder):
         fail(f"{folder} is not a folder; --data ROOT must hold train/ with one subfolder per class")
 
@@ -563,9 +552,8 @@ def list_images(folder):
 
 def check_data(run_dir, paths, data_root, replace=False):
     """The training list's fingerprint {"count", "sha256" of the relative paths}, checked against
-    RUN/data.json or written there (first use, or `replace`: 01 before its init.pt exists). Other
-    data (another list) stops every stage; so does, on rank 0, a list whose files' sizes and
-    modification times changed since data.json was written (an image edited in place)."""
+    RUN/data.json, or written there (first use, or `replace`: 01 before its init.pt exists). Another
+    list stops every stage; so do (rank 0) files whose sizes or modification times changed."""
     rel = [os.path.relpath(p, data_root).replace(os.sep, "/") for p in paths]
     found = {"count": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest()}
     path, identity = os.path.join(run_dir, "data.json"), dict(found)
@@ -662,10 +650,9 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def load_rgb(path, data=None):
-    """The image at `path` (or its bytes `data`) as 8-bit RGB. 16-bit, 32-bit and float images are
-    scaled by their own range (65535 for 16-bit values, else their maximum), not clipped to white; a
-    file PIL cannot decode, or one too large to decode safely (PIL's decompression-bomb guard), is
-    an InputError naming it. Decoder warnings (a corrupt JPEG's extra bytes) stay silent."""
+    """The image at `path` (or its bytes `data`) as 8-bit RGB; 16/32-bit and float images scaled by
+    their range, not clipped to white. A file PIL cannot decode (or a decompression bomb) is an
+    InputError naming it; decoder warnings (a corrupt JPEG's extra bytes) stay silent."""
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as image:
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -684,9 +671,8 @@ def bad_image(path, error):
 
 
 def data_loader(dataset, args, device, **kwargs):
-    """torch's DataLoader as every stage uses it: --workers processes, pinned memory on CUDA, and a
-    --loader-timeout for each batch, so that a loader that stops delivering ends the run with one
-    line (one_line_stop) instead of a silent wait."""
+    """torch's DataLoader with --workers, pinned memory on CUDA and a --loader-timeout a batch: a
+    loader that stops delivering ends the run with one line, never a silent wait."""
     return torch.utils.data.DataLoader(dataset, num_workers=args.workers, pin_memory=device.type == "cuda",
                                        timeout=args.loader_timeout if args.workers else 0, **kwargs)
 
@@ -884,9 +870,8 @@ def embed(backbone, paths, args, device):
 
 
 def embed_for_knn(backbone, bank, queries, args, device):
-    """The inputs of knn_accuracy from (paths, labels) pairs: this rank's contiguous shard of the
-    L2-normalised bank features (dist_softmax.shard_range) with the id of its first row, every bank
-    label, and all the queries' features and labels on every rank."""
+    """knn_accuracy's inputs from (paths, labels) pairs: this rank's shard of the normalised bank
+    features and its first id, every bank label, and all queries' features and labels."""
     def shard(paths):
         start, end = dsm.shard_range(len(paths), dsm.get_rank(), dsm.get_world_size())
         return F.normalize(embed(backbone, paths[start:end], args, device), dim=1), start

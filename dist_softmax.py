@@ -16,9 +16,9 @@ pieces that collectives stitch together. Per process and training step (the pape
   8. one optimiser step for backbone, head and the local rows      (the caller, 02)
 
 No max all-reduce is needed: |cos| <= 1 bounds |s_ij| by 1/tau <= 40, where exp can neither
-overflow nor underflow in fp32. The same code runs on gloo (CPU) and NCCL (GPU); without a
-process group it is the plain single-process cosine softmax. Below the softmax: the collectives on
-rows that the stages share; then, behind one banner, what every stage needs from the process group.
+overflow nor underflow in fp32. The same code runs on gloo (CPU) and NCCL (GPU), and without a
+process group as the plain cosine softmax. Then: the row collectives the stages share, and behind
+one banner, what every stage needs from the process group.
 """
 import math
 import os
@@ -52,11 +52,8 @@ class DistCosineSoftmax(nn.Module):
     same on every rank; b, k, alpha and sample must agree on every rank. Keep this module outside
     DDP: the features get W x dL/dx, which DDP's average over W turns into exactly dL/dtheta of the
     global loss; the local rows get exactly dL/dw. chunk_size bounds the logits buffer at
-    (W*b) x chunk_size, recomputing each chunk in backward.
-
-    sample=(M, seed) is Table 3's sampled softmax: the sum over classes runs over about M of them,
-    every class a target touches (labels and hard classes) plus classes drawn uniformly from the
-    rest (sampled_rows). The rows then get a sparse gradient: only drawn rows have one.
+    (W*b) x chunk_size, recomputing each chunk in backward. sample=(M, seed): Table 3's sampled
+    softmax (sampled_rows); the rows then get a sparse gradient, only the drawn ones have one.
     """
 
     def __init__(self, num_classes, dim, temperature=0.15, chunk_size=None):
@@ -83,10 +80,9 @@ class DistCosineSoftmax(nn.Module):
         return _CosineSoftmax.apply(features, self.weight, ids, float(alpha), rows, self)
 
     def sampled_rows(self, ids, num_sampled, seed):
-        """Table 3: the local rows (sorted positions) in this step's softmax. Every class a target
-        touches is in; each other class independently with probability (M - T) / (N - T), T the
-        target classes, so about M classes take part. Each class's draw comes from blocks seeded by
-        (seed, block): the same classes on any process count, each rank drawing from its own shard."""
+        """Table 3: the local rows (sorted positions) in this step's softmax: every class a target
+        touches, and each other class with probability (M - T) / (N - T), T the targets, drawn from
+        blocks seeded by (seed, block): the same classes on any process count, each rank its own."""
         targets = ids.unique()
         rate = max(num_sampled - len(targets), 0) / max(self.num_classes - len(targets), 1)
         drawn = seeded_rows(self.start, self.end, seed, lambda g, n: torch.rand(n, generator=g)) < rate
@@ -98,25 +94,18 @@ class DistCosineSoftmax(nn.Module):
         rows = ids - self.start
         return rows[(rows >= 0) & (rows < self.end - self.start)]
 
-    def extra_repr(self):
-        return (f"num_classes={self.num_classes}, dim={self.dim}, rows=[{self.start}, {self.end}), "
-                f"temperature={self.temperature}, chunk_size={self.chunk_size}")
-
 
 class _CosineSoftmax(torch.autograd.Function):
-    """Steps 2-7 with an explicit backward; one fp32 [W*b, chunk] buffer is the only large tensor.
-
-    The buffer receives t = log2(e) s from one matrix product, becomes 2^t = exp(s) in place, and
-    is the operand of both backward products. The gradient p - y is never written out: the row
-    scale 1 / sum_j exp(s_ij) and the sparse targets y are folded into the small operands.
-    """
+    """Steps 2-7 with an explicit backward; one fp32 [W*b, chunk] buffer is the only large tensor:
+    it receives t = log2(e) s from one matrix product, becomes 2^t = exp(s) in place, and is the
+    operand of both backward products. The gradient p - y is never written out: the row scale
+    1 / sum_j exp(s_ij) and the sparse targets y are folded into the small operands."""
 
     @staticmethod
     def forward(ctx, features, weight, ids, alpha, rows, module):
         tau, device_type = module.temperature, features.device.type
-        # Matrix products follow autocast (bf16 on GPU: logits carry a relative error of about 2^-9);
-        # exp, sums and the loss are fp32 (float64 for float64 inputs, which the exactness tests use).
-        # fp16 would underflow the backward's row scale c / (tau S_i).
+        # Products follow autocast (bf16 on GPU: logits within about 2^-9); exp, sums and the loss are
+        # fp32 (float64 for float64 inputs). fp16 would underflow the backward's row scale c / (tau S_i).
         dtype = torch.promote_types(features.dtype, torch.float32)
         mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
         if mm_dtype == torch.float16:
@@ -207,8 +196,7 @@ def _target_weights(shape, alpha, like):
 
 
 def _columns(shard_ids, rows):
-    """Columns of the target ids among the softmax's local rows: all rows, or the sampled `rows`
-    (sorted); an id outside them gets -1."""
+    """Columns of the target ids among the local rows in the softmax (all, or the sampled `rows`); else -1."""
     if rows is None:
         return shard_ids
     if len(rows) == 0:
@@ -266,9 +254,8 @@ def reduce_scatter_rows(tensor):
 
 
 def each_shard(local, num_rows, spare=0):
-    """Yield (start, end, rows) for every rank's shard_range shard of a num_rows-row table, on every
-    rank, in rank order: each owner broadcasts its shard in turn, so no rank holds more than one
-    other shard. `rows` is a reused buffer with `spare` zero rows beyond the shard's end."""
+    """Yield (start, end, rows) for every rank's shard of a num_rows-row table, on every rank: each
+    owner broadcasts its shard in turn into one reused buffer (with `spare` zero rows beyond it)."""
     world = get_world_size()
     buffer = local.new_zeros((shard_range(num_rows, 0, world)[1] + spare,) + tuple(local.shape[1:]))
     for owner in range(world):
@@ -283,7 +270,7 @@ def each_shard(local, num_rows, spare=0):
 
 def all_gather_shards(local, num_rows):
     """All num_rows rows of a sharded [end - start, ...] tensor (shard_range layout) on every rank."""
-    return local if get_world_size() == 1 else torch.cat([rows[:e - s].clone() for s, e, rows in each_shard(local, num_rows)])
+    return torch.cat([rows[:e - s].clone() for s, e, rows in each_shard(local, num_rows)])
 
 
 def gather_shards(local, num_rows):
@@ -305,8 +292,7 @@ def owner_of(ids, num_rows, world_size):
 
 def send_rows_to_owners(ids, rows, num_rows):
     """This rank's shard [end - start, ...] of a num_rows-row table whose rows were computed on any
-    ranks in any order: each rank passes the (ids, rows) it holds, every id held by exactly one rank,
-    and one all_to_all sends each row to the rank that owns its id. No rank holds all num_rows rows."""
+    ranks in any order (each id on exactly one rank): one all_to_all sends each row to its owner."""
     world = get_world_size()
     start, end = shard_range(num_rows, get_rank(), world)
     if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= num_rows):
@@ -335,8 +321,8 @@ def nearest_rows(queries, rows, k, start=0, exclude=None, chunk_size=4096, shard
     """(similarities, ids) [Q, k] of the k rows most similar to each query (dot products, most
     similar first) over every rank's shard of `rows` (`start`: the id of this rank's first row): a
     running top-k over chunks of the local rows, then one all_gather of every rank's candidates
-    (sharded=False: `rows` is the whole table, no collective). Fewer than k rows leave padding (id
-    -1, -inf). `exclude`: one id per query that is not its own neighbour (the query itself)."""
+    (sharded=False: `rows` is the whole table). Fewer than k rows leave padding (id -1, -inf);
+    `exclude`: one id per query that is not its own neighbour (the query itself)."""
     values = torch.full((len(queries), k), -math.inf, device=queries.device)
     ids = torch.full((len(queries), k), -1, dtype=torch.long, device=queries.device)
     for c0 in range(0, len(rows), chunk_size):
@@ -383,8 +369,7 @@ def is_main():
 
 
 def join_process_group(device="auto"):
-    """Join torchrun's process group when launched by torchrun (NCCL on CUDA, gloo on CPU; else one
-    plain process) and return this process's device."""
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU; none without torchrun); this process's device."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -424,9 +409,8 @@ def gather_classifier(classifier, optimizer=None):
 def load_classifier(classifier, state, optimizer=None):
     """Copy rows [start, end) of a gather_classifier() dict into this rank's shard, any world size."""
     if state["num_classes"] != classifier.num_classes or state["weight"].shape[1] != classifier.dim:
-        raise ValueError(f"checkpoint has {state['num_classes']} x {state['weight'].shape[1]} classifier rows, "
-                         f"this run needs {classifier.num_classes} x {classifier.dim}: it comes from other data "
-                         "or another --dim; point --out at the right run folder")
+        raise ValueError(f"checkpoint has {state['num_classes']} x {state['weight'].shape[1]} rows, this run needs "
+                         f"{classifier.num_classes} x {classifier.dim}: other data or another --dim")
     rows = slice(classifier.start, classifier.end)
     with torch.no_grad():
         classifier.weight.copy_(state["weight"][rows])
