@@ -11,14 +11,11 @@ iterations"); fixed is eval mode. --init random is Figure 4's Gaussian arm (no p
 BN subtracts what a batch shares, so the pass draws its batches from a seeded permutation of all N
 instances (prior_batches), never a run of one class folder. A BN batch is one process's share,
 --batch-size / W; process r embeds the centre crops of batches r, r + W, ..., and one all_to_all
-sends every row to its owner (dist_softmax.send_rows_to_owners). It writes RUN/init.pt ({"network",
-"classifier": {"weight" [N, 128], "momentum": None, "num_classes"}, "args", "fingerprint"}; loads on
-any process count) and RUN/data.json, and prints the same-class top-1 retrieval of the rows against
-chance (the paper: about 3% against 0.1% on ImageNet) and Figure 4's gap: the mean cosine of two
-views of one instance against views of two instances.
-
-Below the banner "What every stage shares": the conventions of all stages (arguments, the run
-folder and how a stage stops, data, transforms, the network, small pieces of the training loops, kNN).
+sends every row to its owner. It writes RUN/init.pt ({"network", "classifier": {"weight" [N, 128],
+"momentum": None, "num_classes"}, "args", "fingerprint"}; any process count) and RUN/data.json, and
+prints the rows' same-class top-1 retrieval against chance (the paper: about 3% against 0.1% on
+ImageNet) and Figure 4's gap (two views of one instance against two instances). Below the banner
+"What every stage shares": the conventions of all stages, defined here as 01 needs them first.
 
 Commands:
   python 01_extract_init.py --data demo_data --out runs/demo --arch resnet18 --image-size 64 --batch-size 256
@@ -61,8 +58,8 @@ def arguments():
     parser = Parser(__doc__)
     add_common_args(parser, epochs=None, batch_size=4096)
     parser.add_argument("--bn", default="running", choices=["running", "ema", "fixed"],
-                        help="running: each batch normalised by its own statistics (the paper's running BNs); ema: by "
-                             "the running averages it has just updated; fixed: eval mode (Figure 4's arms)")
+                        help="running (a reading of the paper's running BNs): BN in training mode, each batch by its "
+                             "own statistics; ema: by the running averages it has just updated; fixed: eval mode")
     parser.add_argument("--init", default="raw", choices=["raw", "random"],
                         help="raw: rows = embeddings from the pass; random: Gaussian rows, no pass")
     parser.add_argument("--dim", type=POSITIVE, default=128, help="embedding size D")
@@ -91,7 +88,8 @@ def main(argv=None):
             fail(f"{args.out} holds a trained run ({trained}); 01 would replace the init.pt it started from; pass a "
                  "new --out, or --overwrite to replace init.pt (02 then still resumes from checkpoint.pt)")
         # 01 defines the run's data: an earlier 01 that stopped before writing init.pt does not bind it.
-        fingerprint = check_data(args.out, paths, args.data, replace=not os.path.isfile(os.path.join(args.out, "init.pt")))
+        made = os.path.isfile(os.path.join(args.out, "init.pt"))
+        fingerprint = check_data(args.out, paths, args.data, replace=not made)
         local_batch = resolve_rank_batch(args.batch_size, world)
         if args.init == "raw" and len(prior_batches(n, local_batch, args.seed)) < world:
             fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
@@ -108,7 +106,7 @@ def main(argv=None):
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         net.requires_grad_(False)  # no parameter changes; only BN's statistics move
-        classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)
+        classifier = dsm.DistCosineSoftmax(n, args.dim).to(device)  # here only the rows' shard layout
 
         # ---- the pass: shuffled batches, each row sent to the rank that owns it ----
         t0 = time.perf_counter()
@@ -243,6 +241,10 @@ def view_cosine_gap(net, paths, args, device, batch_size=64):
 
 
 # ================================================================ What every stage shares
+# Arguments (Parser, add_common_args); a stage's harness (stage, fail, log, InputError); run-folder
+# files (atomic_save, load_run_file, resume_from, save_for_resume, append_log); data (list_images,
+# check_data, list_val_images, ImageList, load_rgb, data_loader); transforms; the network
+# (EmbeddingNet, build_backbone); the loops' pieces (step_seed, cosine_lr, Meter); kNN.
 # ---------------------------------------------------------------- arguments
 
 class Parser(argparse.ArgumentParser):
@@ -263,8 +265,9 @@ def number(kind, low=None, high=None, open_low=False, open_high=False):
             value = kind(text)
         except ValueError:
             value = None
-        if (value is None or not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low))
-                or (high is not None and (value >= high if open_high else value > high))):
+        too_low = low is not None and (value <= low if open_low else value < low) if value is not None else True
+        too_high = high is not None and (value >= high if open_high else value > high) if value is not None else True
+        if value is None or not math.isfinite(value) or too_low or too_high:
             bounds = [f"{'>' if open_low else '>='} {low}" if low is not None else "",
                       f"{'<' if open_high else '<='} {high}" if high is not None else ""]
             shape = "a whole number" if kind is int else "a finite number"
@@ -341,6 +344,7 @@ def stage(args):
             dist.destroy_process_group()
     except BaseException as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one line, even if a second signal follows
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # nor a loader's report of a dead worker
         one_line_stop(e, args.out)
         raise  # a bug of this process: the traceback is what it should show
     finally:
@@ -363,8 +367,9 @@ def one_line_stop(e, out):
         fail(str(e).strip().splitlines()[-1].split("InputError: ")[-1])
     if isinstance(e, dist.DistBackendError) or (isinstance(e, RuntimeError) and "closed by peer" in str(e)):
         fail(f"stopped because another process failed (see its message; torchrun's summary names it); {kept}")
-    if isinstance(e, RuntimeError) and str(e).startswith("DataLoader"):
-        fail(f"the data loader stopped delivering batches ({str(e).splitlines()[0].rstrip('.')}): a loader worker "
+    if isinstance(e, (EOFError, ConnectionError)) or (isinstance(e, RuntimeError) and str(e).startswith("DataLoader")):
+        reason = str(e).splitlines()[0].rstrip(". ") if str(e) else "a worker died while handing over a batch"
+        fail(f"the data loader stopped delivering batches ({reason}): a loader worker "
              "died (out of memory?) or a read hung; rerun the same command to resume, with fewer --workers, "
              "--workers 0, or a longer --loader-timeout")
 
@@ -456,7 +461,8 @@ def append_log(path, record, epochs_done=None):
     if not dsm.is_main():
         return
     if epochs_done is not None:
-        kept = [line for line in open(path) if json.loads(line).get("epoch", 0) < epochs_done] if os.path.isfile(path) else []
+        lines = open(path).readlines() if os.path.isfile(path) else []
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) < epochs_done]
         atomic_save("".join(kept).encode(), path, dump=lambda data, f: f.write(data))
     if record is not None:
         with open(path, "a") as f:
@@ -571,7 +577,7 @@ def check_data(run_dir, paths, data_root, replace=False):
              f"--data this run was made from")
     if (saved["count"], saved["sha256"]) != (found["count"], found["sha256"]):
         fail(f"{run_dir} was made from {saved['count']} training images ({saved.get('root', '?')}) but "
-             f"--data {data_root} lists {found['count']} different ones; pass the original --data or a new --out folder")
+             f"--data {data_root} lists {found['count']} different ones; pass the original --data or a new --out")
     if saved.get("files", found["files"]) != found["files"]:
         fail(f"images under {data_root}/train changed in place since this run's 01 (same names, other sizes or "
              "modification times): its rows belong to the old images; restore them, or rerun 01 with a new --out")
@@ -597,7 +603,7 @@ def list_val_images(data_root, classes):
         named = {}
         for number, name, cls in read_annotations(annotations):
             if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-                fail(f"{annotations} line {number} names {name}, outside val/images/; give file names under val/images/")
+                fail(f"{annotations} line {number} names {name}, outside val/images/; name files under val/images/")
             if name in named:
                 fail(f"{annotations} line {number} lists {name} " + ("again" if named[name] == cls else
                      f"as {cls}, an earlier line as {named[name]}") + "; keep one line per image")
@@ -605,7 +611,7 @@ def list_val_images(data_root, classes):
                 fail(f"{annotations} labels {name} as class {cls}, which train/ does not have; "
                      f"use the train/ that belongs to this val/")
             if not os.path.isfile(os.path.join(val_dir, "images", name)):
-                fail(f"{os.path.join(val_dir, 'images', name)} is listed in {annotations} but missing; restore val/images/")
+                fail(f"{os.path.join(val_dir, 'images', name)} is listed in {annotations} but missing; restore it")
             named[name] = cls
         if not named:
             fail(f"{annotations} lists no images")

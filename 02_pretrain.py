@@ -55,19 +55,19 @@ import torchvision
 
 import dist_softmax as dsm
 
-extract_init = importlib.import_module("01_extract_init")
+shared = importlib.import_module("01_extract_init")  # 01, and below its banner what every stage shares
 hard_classes = importlib.import_module("03_hard_classes")  # Eq. 2's hard classes, refreshed every epoch
-fail, log, POSITIVE = extract_init.fail, extract_init.log, extract_init.POSITIVE
+fail, log, POSITIVE = shared.fail, shared.log, shared.POSITIVE
 
-parser = extract_init.Parser(__doc__)
-extract_init.add_common_args(parser, epochs=200, batch_size=4096)
-parser.add_argument("--lr", type=extract_init.RATE, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
-parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=1e-4)
-parser.add_argument("--warmup-epochs", type=extract_init.NON_NEGATIVE, default=10)
-parser.add_argument("--temperature", type=extract_init.number(float, 0.025), default=0.15,
+parser = shared.Parser(__doc__)
+shared.add_common_args(parser, epochs=200, batch_size=4096)
+parser.add_argument("--lr", type=shared.RATE, default=0.48, help="learning rate at batch 4096 (scaled linearly)")
+parser.add_argument("--momentum", type=shared.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=shared.NON_NEGATIVE, default=1e-4)
+parser.add_argument("--warmup-epochs", type=shared.NON_NEGATIVE, default=10)
+parser.add_argument("--temperature", type=shared.number(float, 0.025), default=0.15,
                     help="tau of Eq. 1; >= 0.025 keeps exp(1 / tau) inside fp32 without a max (see dist_softmax)")
-parser.add_argument("--alpha", type=extract_init.FRACTION, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
+parser.add_argument("--alpha", type=shared.FRACTION, default=0.2, help="smoothing of Eq. 2-3 (0: plain Eq. 1)")
 parser.add_argument("--hard-k", type=POSITIVE, default=100, help="hard classes per instance, k of Eq. 2")
 parser.add_argument("--sample-classes", type=POSITIVE, default=None, metavar="M",
                     help="Table 3: each step's softmax over about M classes (the batch's targets plus classes "
@@ -83,7 +83,7 @@ parser.add_argument("--data-path", default="pil", choices=["pil", "device"],
                          "device (not yet run on a GPU, so not the default)")
 parser.add_argument("--cache-images", action="store_true",
                     help="device path: decode every training image once and keep it (uint8) in device memory")
-parser.add_argument("--knn-every", type=extract_init.COUNT, default=None, metavar="E",
+parser.add_argument("--knn-every", type=shared.COUNT, default=None, metavar="E",
                     help="kNN top-1 on ROOT/val every E epochs and after the last (default: the interval that "
                          "keeps its cost under 5%% of training; 0: never)")
 
@@ -95,22 +95,23 @@ KNN_SAMPLE = 10000  # at most this many training images (the bank) and val image
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    with extract_init.stage(args) as device:
+    with shared.stage(args) as device:
         world = dsm.get_world_size()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
         # ---- data: instance i is image i of the sorted training list; two views each ----
-        paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
-        fingerprint = extract_init.check_data(args.out, paths, args.data)
-        settings = {"stage": "02_pretrain", "data": fingerprint["sha256"], **{k: getattr(args, k) for k in RESUME_SETTINGS}}
+        paths, labels, classes = shared.list_images(os.path.join(args.data, "train"))
+        fingerprint = shared.check_data(args.out, paths, args.data)
+        settings = {"stage": "02_pretrain", "data": fingerprint["sha256"],
+                    **{key: getattr(args, key) for key in RESUME_SETTINGS}}
         init = load_init(args, fingerprint)
-        local_batch = extract_init.resolve_rank_batch(args.batch_size, world)
+        local_batch = shared.resolve_rank_batch(args.batch_size, world)
         batches, sampler, steps = training_batches(paths, args, local_batch, device)
 
         # ---- networks: backbone + head in DDP (step 1), the sharded classifier outside it (steps 2-7) ----
         made = init["args"]
-        net = extract_init.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made["head"])  # as 01 built it
+        net = shared.EmbeddingNet(made["arch"], made["image_size"], made["dim"], made["head"])  # as 01 built it
         net.load_state_dict(init["network"])
         net = net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
         model = dsm.data_parallel(net, device)
@@ -126,7 +127,7 @@ def main(argv=None):
             f"instances = {2 * args.batch_size} views ({local_batch} instances per process), {steps} steps/epoch, "
             f"lr {args.lr} x {args.batch_size}/4096 = {base_lr:.6g}")
         if args.warmup_epochs >= args.epochs:
-            log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the lr never reaches {base_lr:.6g}")
+            log(f"note: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: lr never reaches {base_lr:.6g}")
         k = min(args.hard_k, len(paths) - 1) if args.alpha > 0 else 0
         if 0 < k < args.hard_k:
             log(f"note: --hard-k {args.hard_k} clamped to {k} (N - 1 other classes exist)")
@@ -138,8 +139,8 @@ def main(argv=None):
         for epoch in range(start_epoch, args.epochs):
             # The RNG state is a function of (--seed, epoch, rank): a resumed epoch draws exactly the
             # crops of an uninterrupted one, with no generator in the checkpoint.
-            extract_init.seed_everything(extract_init.step_seed(args.seed, epoch, dsm.get_rank()))
-            extract_init.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in checkpoint.pt)"
+            shared.seed_everything(shared.step_seed(args.seed, epoch, dsm.get_rank()))
+            shared.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in checkpoint.pt)"
             sampler.set_epoch(epoch)
             table = None
             if k:  # Eq. 2's H_k(i), refreshed every epoch from the current rows (epoch 0: the prior's)
@@ -153,9 +154,9 @@ def main(argv=None):
             if knn.due(epoch):
                 record["knn_top1"] = knn.measure(net.backbone, epoch)
             rows = dsm.gather_classifier(classifier, optimizers[1])  # every rank takes part
-            extract_init.save_for_resume(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0],
-                                         classifier=rows, epoch=epoch, step=global_step, args=vars(args))
-            extract_init.append_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
+            shared.save_for_resume(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0],
+                                   classifier=rows, epoch=epoch, step=global_step, args=vars(args))
+            shared.append_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
             log(f"epoch {epoch} done in {record['epoch_s']:.1f} s, mean loss {record['epoch_loss']:.4f}, "
                 f"rows |w| {record['row_norm']:.4f} turning {record['row_turn_deg']:.3f} deg per visit"
                 + (f", kNN top-1 {record['knn_top1']:.2f}" if "knn_top1" in record else "")
@@ -164,7 +165,7 @@ def main(argv=None):
         # ---- the pretrained backbone, under torchvision's key names ----
         knn.summary(train_seconds)
         if dsm.is_main():
-            extract_init.atomic_save(extract_init.cpu_state(net.backbone), os.path.join(args.out, "backbone.pt"))
+            shared.atomic_save(shared.cpu_state(net.backbone), os.path.join(args.out, "backbone.pt"))
             log(f"wrote {os.path.join(args.out, 'backbone.pt')} ({args.arch}, {args.image_size} px)")
 
 
@@ -176,7 +177,7 @@ def load_init(args, fingerprint):
     if not os.path.isfile(init_path):
         fail(f"{init_path} not found; run 01_extract_init.py --data {args.data} --out {args.out} first")
     rerun = f"rerun 01_extract_init.py --data {args.data} --out {args.out} --overwrite"
-    init = extract_init.load_run_file(init_path, ("network", "classifier", "args", "fingerprint"), rerun)
+    init = shared.load_run_file(init_path, ("network", "classifier", "args", "fingerprint"), rerun)
     if init["fingerprint"] != fingerprint:
         fail(f"{init_path} was made from other training images than {args.data}/train lists; {rerun}")
     made = init["args"]
@@ -201,26 +202,26 @@ def training_batches(paths, args, local_batch, device):
     if args.data_path == "device":
         source = DeviceViews(paths, args, device)
     else:
-        source = extract_init.ImageList(paths, extract_init.TwoViews(extract_init.train_transform(args.image_size,
-                                                                                                  args.jitter)))
+        source = shared.ImageList(paths, shared.TwoViews(shared.train_transform(args.image_size,
+                                                                                args.jitter)))
     sampler = torch.utils.data.DistributedSampler(source, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     if args.data_path == "device":
         return (lambda epoch: source.batches(sampler, local_batch, epoch)), sampler, len(sampler) // local_batch
-    loader = extract_init.data_loader(source, args, device, batch_size=local_batch, sampler=sampler, drop_last=True)
+    loader = shared.data_loader(source, args, device, batch_size=local_batch, sampler=sampler, drop_last=True)
 
     def batches(epoch):
-        for (views, ids), wait in extract_init.timed_batches(loader):
-            yield (extract_init.to_device(views.flatten(0, 1), device), ids.to(device, non_blocking=True)), wait
+        for (views, ids), wait in shared.timed_batches(loader):
+            yield (shared.to_device(views.flatten(0, 1), device), ids.to(device, non_blocking=True)), wait
     return batches, sampler, len(loader)
 
 
 def resume(args, settings, net, classifier, optimizers):
     """Continue from RUN/checkpoint.pt when it exists (written with the same settings); drop the
     log lines of an epoch that did not finish. Returns (first epoch to train, global step)."""
-    ckpt = extract_init.resume_from(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0])
+    ckpt = shared.resume_from(os.path.join(args.out, "checkpoint.pt"), settings, net, optimizers[0])
     done = 0 if ckpt is None else ckpt["epoch"] + 1
-    extract_init.append_log(os.path.join(args.out, "pretrain_log.jsonl"), None, epochs_done=done)
+    shared.append_log(os.path.join(args.out, "pretrain_log.jsonl"), None, epochs_done=done)
     if ckpt is None:
         return 0, 0
     dsm.load_classifier(classifier, ckpt["classifier"], optimizers[1])
@@ -239,21 +240,22 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, args, 
     record: mean loss, the rows' mean norm and turn per visit, time and the global step reached."""
     model.train()
     start = time.perf_counter()
-    meter, total_loss, turn = extract_init.Meter(), 0.0, torch.zeros(2, dtype=torch.float64, device=device)
+    meter, total_loss, turn = shared.Meter(), 0.0, torch.zeros(2, dtype=torch.float64, device=device)
     for i, ((images, ids), wait) in enumerate(batches):
-        lr = extract_init.cosine_lr(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
+        lr = shared.cosine_lr(base_lr, epoch + (i + 0.5) / steps, args.warmup_epochs, args.epochs)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
         labels = ids.repeat_interleave(2)  # images [2b, C, H, W]: both views of instance i have class i
-        hard = None if table is None else hard_classes.lookup_hard_classes(table, ids, classifier).repeat_interleave(2, 0)
+        hard = None if table is None else hard_classes.lookup_hard_classes(table, ids, classifier)
+        hard = None if hard is None else hard.repeat_interleave(2, 0)  # both views share their instance's
         visited = classifier.local_rows(dsm.all_gather_rows(ids))  # this batch's rows that live here
         before = classifier.weight.detach()[visited]
-        sample = None if args.sample_classes is None else (args.sample_classes, extract_init.step_seed(args.seed, global_step))
+        sample = (args.sample_classes, shared.step_seed(args.seed, global_step)) if args.sample_classes else None
         loss = train_step(model, classifier, optimizers, images, labels, hard, args.alpha, sample, device)
         checkpoint = os.path.join(args.out, "checkpoint.pt")
-        extract_init.stop_if_not_finite(loss, f"epoch {epoch} step {i}", (
-            f"{checkpoint} holds the last good epoch" if os.path.isfile(checkpoint) else "no checkpoint was written yet")
+        shared.stop_if_not_finite(loss, f"epoch {epoch} step {i}", (
+            f"{checkpoint} holds the last good epoch" if os.path.isfile(checkpoint) else "no checkpoint yet")
             + "; rerunning resumes with the same settings: for a lower --lr or longer --warmup-epochs, use a new --out")
         turn += torch.stack([row_turn_degrees(before, classifier.weight.detach()[visited]).sum(),
                              torch.tensor(float(len(visited)), device=device)]).double()
@@ -263,7 +265,7 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, args, 
             record = meter.line(f"epoch {epoch} step {i + 1}/{steps}", lr, 2 * args.batch_size,
                                 (args.epochs - epoch) * steps - i - 1, device, epoch=epoch, step=i + 1, steps=steps,
                                 global_step=global_step)
-            extract_init.append_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
+            shared.append_log(os.path.join(args.out, "pretrain_log.jsonl"), record)
     row_norm = classifier.weight.detach().norm(dim=1).sum().double().view(1)
     if classifier.world_size > 1:
         dist.all_reduce(turn)
@@ -276,7 +278,7 @@ def train_one_epoch(model, classifier, optimizers, batches, steps, table, args, 
 def train_step(model, classifier, optimizers, images, labels, hard, alpha, sample, device):
     """One step of the paper's Figure 2. Returns the loss; a non-finite one changes nothing (the
     caller stops, and the last checkpoint stays the run's state)."""
-    with extract_init.autocast(device):  # bf16 products on CUDA; the softmax stays fp32 (dist_softmax)
+    with shared.autocast(device):  # bf16 products on CUDA; the softmax stays fp32 (dist_softmax)
         features = model(images)  # step 1: this rank's views through backbone + head (DDP)
         # Steps 2-7 inside dist_softmax.DistCosineSoftmax: gather the global batch, cosine logits
         # against the local rows, one all_reduce for Eq. 1 / Eq. 3, the loss on every rank.
@@ -324,19 +326,19 @@ class KnnCurve:
 
     def __init__(self, args, paths, labels, classes, device):
         self.args, self.device, self.seconds, self.every = args, device, 0.0, 0
-        has_val = any(name.lower().endswith(extract_init.IMAGE_EXTENSIONS)
+        has_val = any(name.lower().endswith(shared.IMAGE_EXTENSIONS)
                       for _, _, files in os.walk(os.path.join(args.data, "val")) for name in files)
         if args.knn_every and not has_val:
             fail(f"--knn-every {args.knn_every} needs {os.path.join(args.data, 'val')}; add it or pass --knn-every 0")
         if args.knn_every == 0 or not has_val:
             return
-        val_paths, val_labels = extract_init.list_val_images(args.data, classes)
-        bank = extract_init.fixed_sample(len(paths), KNN_SAMPLE, args.seed)
-        val = extract_init.fixed_sample(len(val_paths), KNN_SAMPLE, args.seed)
+        val_paths, val_labels = shared.list_val_images(args.data, classes)
+        bank = shared.fixed_sample(len(paths), KNN_SAMPLE, args.seed)
+        val = shared.fixed_sample(len(val_paths), KNN_SAMPLE, args.seed)
         self.bank = [paths[i] for i in bank], [labels[i] for i in bank]
         self.val = [val_paths[i] for i in val], [val_labels[i] for i in val]
         self.num_classes = len(classes)
-        cost = (len(bank) + len(val)) / (6 * len(paths))  # a round's image passes per epoch's
+        cost = (len(bank) + len(val)) / (6 * len(paths))  # a round's passes per epoch's (2 views x ~3 for backward)
         self.every = args.knn_every or max(1, math.ceil(cost / 0.05))
         log(f"kNN curve: every {self.every} epoch(s) and after the last, {len(bank)} training images as "
             f"the bank, {len(val)} val images (about {100 * cost / self.every:.1f}% of the training time)")
@@ -346,8 +348,8 @@ class KnnCurve:
 
     def measure(self, backbone, epoch):
         t0 = time.perf_counter()
-        inputs = extract_init.embed_for_knn(backbone, self.bank, self.val, self.args, self.device)
-        top1 = extract_init.knn_accuracy(*inputs, self.num_classes, [20])[20][0]
+        inputs = shared.embed_for_knn(backbone, self.bank, self.val, self.args, self.device)
+        top1 = shared.knn_accuracy(*inputs, self.num_classes, [20])[20][0]
         self.seconds += time.perf_counter() - t0
         log(f"epoch {epoch}: kNN top-1 (k=20) {top1:.2f} on {len(self.val[0])} val images")
         return top1
@@ -361,10 +363,9 @@ class KnnCurve:
 # ---------------------------------------------------------------- the device data path
 
 class DeviceViews(torch.utils.data.Dataset):
-    """--data-path device: loader workers only read each file's bytes (cheap); the batch is decoded
-    on the device (JPEG on the GPU by torchvision.io.decode_jpeg) and turned into two views by
-    SimCLRViews there. With --cache-images every image is decoded once and kept as uint8 on the
-    device (tiny-ImageNet: 1.2 GB), and no file is read again."""
+    """--data-path device: loader workers only read file bytes; the device decodes a batch (JPEG on the
+    GPU) and SimCLRViews makes the two views there. --cache-images decodes every image once and keeps
+    it (uint8) on the device (tiny-ImageNet: 1.2 GB)."""
 
     def __init__(self, paths, args, device):
         self.paths, self.args, self.device = paths, args, device
@@ -378,13 +379,15 @@ class DeviceViews(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        try:  # read_file's tensor is marked shared and cannot be sent from a worker again: send a copy
-            return torchvision.io.read_file(self.paths[index]).clone(), index
-        except RuntimeError as e:  # missing, a broken link, unreadable
-            raise extract_init.InputError(extract_init.bad_image(self.paths[index], e)) from None
+        try:  # a plain tensor of the file's bytes (torchvision's read_file gives one that workers cannot send)
+            with open(self.paths[index], "rb") as f:
+                data = bytearray(f.read())
+            return (torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)), index
+        except OSError as e:  # missing, a broken link, unreadable
+            raise shared.InputError(shared.bad_image(self.paths[index], e)) from None
 
     def loader(self, batches):
-        return extract_init.data_loader(self, self.args, self.device, batch_sampler=batches, collate_fn=extract_init.collate_lists)
+        return shared.data_loader(self, self.args, self.device, batch_sampler=batches, collate_fn=shared.collate_lists)
 
     def decode(self, encoded, ids):
         """uint8 [3, H, W] images on the device: a batch of JPEGs by the GPU's decoder on CUDA, else
@@ -395,13 +398,13 @@ class DeviceViews(torch.utils.data.Dataset):
                                                   device=self.device)
             except RuntimeError:
                 pass  # a JPEG the GPU decoder refuses (CMYK, broken...): one by one below
-        return [torch.from_numpy(np.asarray(extract_init.load_rgb(self.paths[i], data.numpy().tobytes())).copy())
+        return [torch.from_numpy(np.asarray(shared.load_rgb(self.paths[i], data.numpy().tobytes())).copy())
                 .permute(2, 0, 1).to(self.device, non_blocking=True) for data, i in zip(encoded, ids)]
 
     def batches(self, sampler, local_batch, epoch):
         """One epoch of ((views [2b, 3, S, S], ids [b]) on the device, seconds spent on them)."""
         # A stream of its own (not the global RNG's seed), a function of (--seed, epoch, rank): resumable.
-        generator = torch.Generator().manual_seed(extract_init.step_seed(self.args.seed, epoch, dsm.get_rank()) + (1 << 40))
+        generator = torch.Generator().manual_seed(shared.step_seed(self.args.seed, epoch, dsm.get_rank()) + (1 << 40))
         order = list(sampler)
         batches = [order[i:i + local_batch] for i in range(0, len(order) - local_batch + 1, local_batch)]
         source = ((None, batch) for batch in batches) if self.cache is not None else self.loader(batches)
@@ -418,17 +421,15 @@ class DeviceViews(torch.utils.data.Dataset):
 
 
 class SimCLRViews:
-    """01's train_transform as batched tensor operations on the device: random resized crop, flip,
-    colour jitter (the four in a random order per image), grayscale, Gaussian blur, normalisation,
-    with 01's constants. Every parameter is drawn per image from the distribution torchvision draws
-    it from (sample()), on a CPU generator: the same views on CPU and GPU, and again after a resume.
-    The pixels differ slightly from the PIL path's: the resize filter (roi_align's box average for
-    batches of one image size, antialiased bilinear otherwise) and float instead of uint8 steps."""
+    """01's train_transform as batched tensor operations on the device (crop, flip, the four jitters
+    in a random order per image, grayscale, blur, normalisation), every parameter drawn per image
+    from torchvision's distribution (sample()) on a CPU generator: the same views on CPU and GPU, and
+    after a resume. The pixels differ slightly from the PIL path's (resize filter, float steps)."""
 
     def __init__(self, size, jitter="simclr"):
-        self.size, self.kernel, self.jitter = size, extract_init.blur_kernel(size), extract_init.JITTER[jitter]
-        self.mean = torch.tensor(extract_init.IMAGENET_MEAN)[:, None, None]
-        self.std = torch.tensor(extract_init.IMAGENET_STD)[:, None, None]
+        self.size, self.kernel, self.jitter = size, shared.blur_kernel(size), shared.JITTER[jitter]
+        self.mean = torch.tensor(shared.IMAGENET_MEAN)[:, None, None]
+        self.std = torch.tensor(shared.IMAGENET_STD)[:, None, None]
 
     def __call__(self, images, generator):
         """uint8 [3, H, W] images (a list; sizes may differ) -> one view each, float [n, 3, S, S]."""
@@ -451,7 +452,7 @@ class SimCLRViews:
     def sample(self, heights, widths, generator, attempts=10):
         """Per-image parameters, as RandomResizedCrop.get_params (10 tries at a uniform area share and a
         log-uniform aspect, then a centre crop) and RandomApply / ColorJitter.get_params draw them."""
-        n, (s0, s1), (r0, r1) = len(heights), extract_init.CROP_SCALE, extract_init.CROP_RATIO
+        n, (s0, s1), (r0, r1) = len(heights), shared.CROP_SCALE, shared.CROP_RATIO
         uniform = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
         area = (heights * widths).double()[:, None] * (s0 + (s1 - s0) * uniform(n, attempts))
         aspect = torch.exp(math.log(r0) + (math.log(r1) - math.log(r0)) * uniform(n, attempts))
@@ -467,12 +468,12 @@ class SimCLRViews:
         h, w = torch.where(found, h, h_centre), torch.where(found, w, w_centre)
         i = torch.where(found, i, ((heights - h) / 2).floor())
         j = torch.where(found, j, ((widths - w) / 2).floor())
-        (b, c, s, hue), (sigma0, sigma1) = self.jitter, extract_init.BLUR_SIGMA
+        (b, c, s, hue), (sigma0, sigma1) = self.jitter, shared.BLUR_SIGMA
         factor = torch.stack([1 - b + 2 * b * uniform(n), 1 - c + 2 * c * uniform(n), 1 - s + 2 * s * uniform(n),
                               -hue + 2 * hue * uniform(n)], 1).float()
         return {"box": torch.stack([i, j, h, w], 1).long(), "flip": uniform(n) < 0.5,
-                "jitter": uniform(n) < extract_init.P_JITTER, "order": uniform(n, 4).argsort(1), "factor": factor,
-                "gray": uniform(n) < extract_init.P_GRAY, "blur": uniform(n) < extract_init.P_BLUR,
+                "jitter": uniform(n) < shared.P_JITTER, "order": uniform(n, 4).argsort(1), "factor": factor,
+                "gray": uniform(n) < shared.P_GRAY, "blur": uniform(n) < shared.P_BLUR,
                 "sigma": (sigma0 + (sigma1 - sigma0) * uniform(n)).float()}
 
 
@@ -482,7 +483,8 @@ def resized_crops(images, box, size):
     if all(image.shape == images[0].shape for image in images):
         x = torch.stack(images).float() / 255
         top, left, height, width = box.to(x).unbind(1)
-        rois = torch.stack([torch.arange(len(x), device=x.device, dtype=x.dtype), left, top, left + width, top + height], 1)
+        index = torch.arange(len(x), device=x.device, dtype=x.dtype)
+        rois = torch.stack([index, left, top, left + width, top + height], 1)
         return torchvision.ops.roi_align(x, rois, size, aligned=True)
     return torch.cat([F.interpolate(image[None, :, i:i + h, j:j + w].float() / 255, size=(size, size), mode="bilinear",
                                     antialias=True, align_corners=False)
@@ -507,10 +509,16 @@ def shift_hue(x, shift):
     return value[:, None] * (1 - saturation[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
+def blend(x, f, other):
+    """f x + (1 - f) other, per image: torchvision's adjust_* blends."""
+    f = f[:, None, None, None]
+    return f * x + (1 - f) * other
+
+
 COLOUR_OPS = (lambda x, f: x * f[:, None, None, None],  # brightness: blend with black
-          lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * grayscale(x).mean((1, 2, 3), keepdim=True),
-          lambda x, f: f[:, None, None, None] * x + (1 - f[:, None, None, None]) * grayscale(x),  # saturation
-          shift_hue)
+              lambda x, f: blend(x, f, grayscale(x).mean((1, 2, 3), keepdim=True)),  # contrast: with the mean grey
+              lambda x, f: blend(x, f, grayscale(x)),  # saturation: with the grey image
+              shift_hue)
 
 
 def gaussian_blur(x, sigma, kernel):

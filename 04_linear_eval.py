@@ -1,30 +1,22 @@
 """Stage 04: the ImageNet evaluation protocols behind Tables 2-7: linear probe, 1% / 10% labels, and kNN.
 
-The backbone is RUN/backbone.pt (02), or --pretrained PATH (a 02 checkpoint.pt, a 01 init.pt, any
-torchvision-named ResNet state_dict), or --pretrained random: the randomly initialised network
-(seeded by --seed, BN statistics estimated on the training images), the baseline to read every
-number against. Its results sit beside the pretrained ones in RUN with a _random suffix.
+The backbone is RUN/backbone.pt (02), --pretrained PATH (a 02 checkpoint.pt, a 01 init.pt, any
+torchvision-named ResNet state_dict), or --pretrained random: the random network (seeded by --seed,
+BN statistics estimated on the training images), the baseline; its results get a _random suffix.
 
-  linear probe (default)  frozen backbone, BN in eval mode, one linear layer on the pooled features;
-                          the paper's batch 2048, lr 40 (scaled with the batch) and cosine; 100
-                          epochs, momentum 0.9, no weight decay and random resized crops + flip are
-                          this project's choice. The backbone is checked bit-identical at the end.
-                          --cached-features: the layer trained on features of the centre crops,
-                          embedded once (no augmentation; minutes, not hours). --standardize: a
-                          fixed per-feature standardisation first (off by default).
-  --label-fraction F      Table 7: fine-tune everything on a fraction F of the labels, backbone lr
-                          0.001, classifier lr 15 (1%) or 10 (paper); batch 256 (lr scaled), cosine,
-                          20 epochs (choices). The paper uses the published 1% / 10% ImageNet lists:
-                          pass them as --subset-file; without it a class-balanced draw is used. The
-                          paper reports top-5 here.
-  --knn                   weighted kNN (not in the paper; the common instance-discrimination check):
-                          the k = 20 and 200 most cosine-similar training images vote with weight
-                          exp(sim / 0.07) (01's knn_accuracy, sharded; 02's kNN curve is the same).
+  linear probe (default)  frozen backbone (BN in eval mode, checked bit-identical at the end), one linear layer on
+                          the pooled features; the paper's batch 2048, lr 40 (scaled with the batch), cosine; 100
+                          epochs, momentum 0.9, no weight decay, random resized crops + flip: this project's choice.
+                          --cached-features: trained on centre-crop features embedded once (no augmentation; minutes,
+                          not hours). --standardize: a fixed per-feature standardisation first (off by default).
+  --label-fraction F      Table 7 (top-5): fine-tune everything on a fraction F of the labels, backbone lr 0.001,
+                          classifier lr 15 (1%) or 10 (paper); batch 256 (lr scaled), cosine, 20 epochs (choices).
+                          The paper's published 1% / 10% lists: --subset-file; without it a class-balanced draw.
+  --knn                   weighted kNN (not in the paper; the usual instance-discrimination check, 02's kNN curve):
+                          the k = 20 and 200 most cosine-similar training images vote with weight exp(sim / 0.07)
 
-Results: RUN/<linear_eval|linear_eval_cached|knn|semi_F>[_random].json, per-epoch lines in
-<name>_log.jsonl. The trained protocols checkpoint every epoch and resume with the same command,
-on any process count (01's resume contract). 05 reuses the backbone loading, the model, the
-training epoch and the evaluation defined here.
+Results: RUN/<linear_eval|linear_eval_cached|knn|semi_F>[_random].json, per-epoch lines in <name>_log.jsonl; the
+trained ones resume (same command, any process count). 05 reuses the backbone loading, model, epochs and evaluation.
 
 Commands (after 01 and 02; --arch and --image-size default to the run's):
   python 04_linear_eval.py --data demo_data --out runs/demo --batch-size 256 --knn
@@ -50,11 +42,11 @@ from torchvision import transforms
 
 import dist_softmax as dsm
 
-extract_init = importlib.import_module("01_extract_init")
-fail, log, POSITIVE = extract_init.fail, extract_init.log, extract_init.POSITIVE
+shared = importlib.import_module("01_extract_init")  # 01, and below its banner what every stage shares
+fail, log, POSITIVE = shared.fail, shared.log, shared.POSITIVE
 
-parser = extract_init.Parser(__doc__)
-extract_init.add_common_args(parser, epochs=None, batch_size=None)
+parser = shared.Parser(__doc__)
+shared.add_common_args(parser, epochs=None, batch_size=None)
 parser.set_defaults(arch=None, image_size=None)  # default: as in RUN/init.pt, else resnet50 at 224 px
 parser.add_argument("--epochs", type=POSITIVE, default=None, help="linear probe: 100; semi-supervised: 20")
 parser.add_argument("--pretrained", default=None, metavar="PATH|random",
@@ -62,121 +54,108 @@ parser.add_argument("--pretrained", default=None, metavar="PATH|random",
 parser.add_argument("--knn", action="store_true", help="weighted kNN instead of the linear probe")
 parser.add_argument("--knn-k", type=lambda text: [POSITIVE(k) for k in text.split(",")], default=[20, 200],
                     help="neighbour counts, comma-separated (the first gives top1/top5)")
-parser.add_argument("--knn-temperature", type=extract_init.RATE, default=0.07)
+parser.add_argument("--knn-temperature", type=shared.RATE, default=0.07)
 parser.add_argument("--chunk-size", type=POSITIVE, default=4096,
                     help="kNN: queries and training rows per similarity block (bounds memory)")
-parser.add_argument("--label-fraction", type=extract_init.number(float, 0, 1, open_low=True), default=None,
-                    metavar="F", help="semi-supervised fine-tuning on a class-balanced fraction F of the labels (0.01, 0.1)")
+parser.add_argument("--label-fraction", type=shared.number(float, 0, 1, open_low=True), default=None, metavar="F",
+                    help="semi-supervised fine-tuning on a class-balanced fraction F of the labels (0.01, 0.1)")
 parser.add_argument("--subset-file", default=None,
                     help="semi-supervised: the labelled images, one per line (path under train/ or file name)")
 parser.add_argument("--cached-features", action="store_true",
                     help="linear probe on features embedded once without augmentation (fast)")
-parser.add_argument("--standardize", action="store_true",
-                    help="linear probe: standardise each feature with the train mean/std (up to 10000 centre "
-                         "crops) before the linear layer; one lr then fits any backbone's feature scale")
-parser.add_argument("--lr", type=extract_init.RATE, default=None,
+parser.add_argument("--standardize", action="store_true", help="linear probe: standardise each feature with the "
+                    "train mean/std (up to 10000 centre crops) first; one lr then fits any backbone's feature scale")
+parser.add_argument("--lr", type=shared.RATE, default=None,
                     help="linear layer lr at the reference batch: 40 at 2048 (probe); 15 (1%%) / 10 at 256 (semi)")
-parser.add_argument("--backbone-lr", type=extract_init.NON_NEGATIVE, default=0.001,
+parser.add_argument("--backbone-lr", type=shared.NON_NEGATIVE, default=0.001,
                     help="semi-supervised backbone lr at batch 256")
-parser.add_argument("--momentum", type=extract_init.FRACTION, default=0.9)
-parser.add_argument("--weight-decay", type=extract_init.NON_NEGATIVE, default=0.0)
+parser.add_argument("--momentum", type=shared.FRACTION, default=0.9)
+parser.add_argument("--weight-decay", type=shared.NON_NEGATIVE, default=0.0)
 parser.add_argument("--print-freq", type=POSITIVE, default=50, help="steps between progress lines (image training)")
 
 SAMPLE = 10000  # training images behind --standardize and the random baseline's BN statistics
 BN_BATCH = 256  # images per batch when the random baseline's BN statistics are estimated
+RETRY = "lower --lr and rerun to resume from the last epoch"  # the advice of a non-finite loss
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
     protocol = "knn" if args.knn else "semi" if args.label_fraction is not None else "linear"
-    check_arguments(args, protocol)
-    with extract_init.stage(args) as device:
+    if args.knn and args.label_fraction is not None:
+        fail("--knn and --label-fraction are two protocols; run them one at a time")
+    if (args.cached_features or args.standardize) and protocol != "linear":
+        fail(f"--{'cached-features' if args.cached_features else 'standardize'} applies to the linear probe only; "
+             "drop it")
+    if args.subset_file is not None and args.label_fraction is None:
+        fail("--subset-file is for semi-supervised fine-tuning; also pass --label-fraction (0.01 or 0.1)")
+    with shared.stage(args) as device:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-
         # ---- data ----
-        paths, labels, classes = extract_init.list_images(os.path.join(args.data, "train"))
-        val_paths, val_labels = extract_init.list_val_images(args.data, classes)
-        fingerprint = extract_init.check_data(args.out, paths, args.data)
+        paths, labels, classes = shared.list_images(os.path.join(args.data, "train"))
+        val_paths, val_labels = shared.list_val_images(args.data, classes)
+        fingerprint = shared.check_data(args.out, paths, args.data)
         args.batch_size = args.batch_size or (256 if protocol == "semi" else 2048)
         args.epochs = args.epochs or (20 if protocol == "semi" else 100)
-        local_batch = extract_init.resolve_rank_batch(args.batch_size, dsm.get_world_size())
+        local_batch = shared.resolve_rank_batch(args.batch_size, dsm.get_world_size())
 
-        # ---- backbone ----
-        source = args.pretrained or os.path.join(args.out, "backbone.pt")
-        network_defaults(args)
-        if source != "random" and args.pretrained is None and not os.path.isfile(source):
-            fail(f"{source} not found; run 02_pretrain.py with --out {args.out} first, pass --pretrained PATH, "
-                 f"or --pretrained random for the random-init baseline")
+        # ---- backbone; --arch / --image-size default to RUN/init.pt's (what that run trained), else resnet50, 224 px
+        source, init = args.pretrained or os.path.join(args.out, "backbone.pt"), os.path.join(args.out, "init.pt")
+        made = shared.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
+        args.arch = args.arch or made.get("arch", "resnet50")
+        args.image_size = args.image_size or made.get("image_size", 224)
+        log(f"network: {args.arch} at {args.image_size} px ({'as in ' + init if made else 'defaults'}; "
+            f"--arch/--image-size override)")
         backbone, width, described = load_pretrained_backbone(source, args.arch, args.image_size, args.seed)
-        backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+        backbone = backbone.to(device,
+                               memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
         identity = state_fingerprint(backbone)  # before the random baseline's BN estimate, which rounds per run
         if source == "random":
             estimate_bn_statistics(backbone, paths, args, device)
         name = {"linear": "linear_eval", "knn": "knn"}.get(protocol) or f"semi_{args.label_fraction:g}"
         name += ("_cached" if args.cached_features else "") + ("_random" if source == "random" else "")
         log(f"04_linear_eval: {protocol}{' (cached features)' if args.cached_features else ''} of {described}; "
-            f"{args.arch} at {args.image_size} px, {len(paths)} train / {len(val_paths)} val images, {len(classes)} "
-            f"classes, {dsm.get_world_size()} process(es) on {device}, batch {args.batch_size} ({local_batch} per process)")
+            f"{args.arch} at {args.image_size} px, {len(paths)} train / {len(val_paths)} val images, "
+            f"{len(classes)} classes, {dsm.get_world_size()} process(es) on {device}, batch {args.batch_size} "
+            f"({local_batch} per process)")
 
         # ---- the protocol ----
-        train = extract_init.ImageList(paths, None, labels)
-        val = extract_init.ImageList(val_paths, extract_init.eval_transform(args.image_size), val_labels)
+        train = shared.ImageList(paths, None, labels)
+        val = shared.ImageList(val_paths, shared.eval_transform(args.image_size), val_labels)
         if protocol == "knn":
             result = knn_protocol(args, backbone, train, val, len(classes), device)
         else:
-            settings = {"stage": "04_linear_eval", "data": fingerprint["sha256"], "backbone": identity,
-                        **{key: getattr(args, key) for key in ("arch", "image_size", "epochs", "batch_size", "momentum",
-                                                               "weight_decay", "seed", "cached_features", "standardize")}}
+            settings = {"stage": "04_linear_eval", "data": fingerprint["sha256"], "backbone": identity, **{
+                key: getattr(args, key) for key in ("arch", "image_size", "epochs", "batch_size", "momentum",
+                                                    "weight_decay", "seed", "cached_features", "standardize")}}
             result = trained_protocol(args, protocol, name, settings, backbone, width, train, val, len(classes),
                                       local_batch, device)
-
         # ---- result ----
         result = {"protocol": protocol, "checkpoint": described, "arch": args.arch, "image_size": args.image_size,
                   "train_images": len(paths), "val_images": len(val_paths), "classes": len(classes),
                   "world_size": dsm.get_world_size(), **result}
         if dsm.is_main():
             path = os.path.join(args.out, name + ".json")
-            extract_init.write_json(path, result)
+            shared.write_json(path, result)
             log(f"{protocol}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  ({described}); wrote {path}")
     return result
-
-
-def check_arguments(args, protocol):
-    if args.knn and args.label_fraction is not None:
-        fail("--knn and --label-fraction are two protocols; run them one at a time")
-    if (args.cached_features or args.standardize) and protocol != "linear":
-        fail(f"--{'cached-features' if args.cached_features else 'standardize'} applies to the linear probe only; drop it")
-    if args.subset_file is not None and args.label_fraction is None:
-        fail("--subset-file is for semi-supervised fine-tuning; also pass --label-fraction (0.01 or 0.1)")
-
-
-def network_defaults(args):
-    """--arch / --image-size not given: those RUN/init.pt records (01 built the network, 02 kept it),
-    so `--out RUN --data ROOT` evaluates what that run trained; without init.pt resnet50 at 224 px."""
-    init = os.path.join(args.out, "init.pt")
-    made = extract_init.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
-    args.arch = args.arch or made.get("arch", "resnet50")
-    args.image_size = args.image_size or made.get("image_size", 224)
-    log(f"network: {args.arch} at {args.image_size} px ({'as in ' + init if made else 'defaults'}; "
-        f"--arch/--image-size override)")
 
 
 # ---------------------------------------------------------------- the backbone (also 05's)
 
 def load_pretrained_backbone(source, arch, image_size, seed=0, flag="--pretrained"):
-    """(backbone, feature width, description). source: 'random' (random init from `seed`), a 02/01
-    checkpoint ({"network": ...}: its backbone.* keys), or a torchvision-named ResNet state_dict
-    (optionally under "state_dict", optionally prefixed "module."). Strict: only fc.* may be
-    missing or extra; anything else is one line naming `flag` (05's is --init)."""
+    """(backbone, feature width, description). source: 'random' (random init from `seed`), a 02/01 checkpoint
+    ({"network": ...}: its backbone.* keys), or a torchvision-named ResNet state_dict (optionally under "state_dict",
+    optionally prefixed "module."). Only fc.* may be missing or extra, else one line naming `flag` (05's: --init)."""
     torch.manual_seed(seed)  # the random baseline is the same network on every rank and every run
-    backbone, width = extract_init.build_backbone(arch, image_size)
+    backbone, width = shared.build_backbone(arch, image_size)
     if source == "random":
         return backbone, width, f"random init (seed {seed})"
     if not os.path.exists(source):
-        fail(f"{flag} {source} not found; pass RUN/backbone.pt, a 02 checkpoint.pt, or random")
-    obj = extract_init.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors",
-                                     what=f"{flag} {source}")
+        fail(f"{source} not found; run 02_pretrain.py first (it writes RUN/backbone.pt), pass {flag} PATH (a 02 "
+             f"checkpoint.pt, a torchvision-named state_dict), or {flag} random for the random-init baseline")
+    obj = shared.load_run_file(source, fix="it must be a torch.save'd state_dict or checkpoint of tensors",
+                               what=f"{flag} {source}")
     if not isinstance(obj, dict):
         fail(f"{flag} {source} holds a {type(obj).__name__}, not a state_dict")
     if isinstance(obj.get("network"), dict):  # 01 init.pt / 02 checkpoint.pt
@@ -190,11 +169,11 @@ def load_pretrained_backbone(source, arch, image_size, seed=0, flag="--pretraine
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier may come or not
-    expected = backbone.state_dict()
-    problems = [f"unexpected key {k}" for k in state if k not in expected]
-    problems += [f"missing key {k}" for k in expected if k not in state]
-    problems += [f"{k} has shape {list(v.shape)} but {arch} at {image_size} px needs {list(expected[k].shape)}"
-                 for k, v in state.items() if k in expected and (not torch.is_tensor(v) or v.shape != expected[k].shape)]
+    needed = backbone.state_dict()
+    problems = [f"unexpected key {k}" for k in state if k not in needed]
+    problems += [f"missing key {k}" for k in needed if k not in state]
+    problems += [f"{k} has shape {list(v.shape)} but {arch} at {image_size} px needs {list(needed[k].shape)}"
+                 for k, v in state.items() if k in needed and (not torch.is_tensor(v) or v.shape != needed[k].shape)]
     if problems:
         hint = ("; conv1 differs: <= 64 px uses the 3x3 small stem, pass the --image-size it was trained at"
                 if any(p.startswith("conv1.weight has shape") for p in problems) else "")
@@ -206,25 +185,23 @@ def load_pretrained_backbone(source, arch, image_size, seed=0, flag="--pretraine
 
 
 def estimate_bn_statistics(backbone, paths, args, device):
-    """Give the random-init baseline BN statistics of the training images, as a trained backbone
-    has: the average over shuffled batches of BN_BATCH (01's prior pass, running BN; a fixed batch,
-    so any process count gives the same statistics) of the centre crops of up to SAMPLE training
-    images. Without it, BN would normalise with the untouched 0 / 1: not a fair baseline."""
-    sample = extract_init.fixed_sample(len(paths), SAMPLE, args.seed)
-    extract_init.set_bn_mode(backbone, "running")
-    for _ in extract_init.prior_pass(backbone, [paths[i] for i in sample], BN_BATCH, args, device):
+    """Give the random-init baseline BN statistics of the training images, as a trained backbone has (else BN
+    normalises with the untouched 0 / 1: not a fair baseline): the average over shuffled batches of BN_BATCH (01's
+    prior pass, running BN; a fixed batch: the same on any process count) of up to SAMPLE centre crops."""
+    sample = shared.fixed_sample(len(paths), SAMPLE, args.seed)
+    shared.set_bn_mode(backbone, "running")
+    for _ in shared.prior_pass(backbone, [paths[i] for i in sample], BN_BATCH, args, device):
         pass
-    extract_init.merge_bn_averages(backbone)
+    shared.merge_bn_averages(backbone)
     backbone.eval()
     log(f"random-init baseline: BN statistics estimated on {len(sample)} training images "
         f"(centre crops, shuffled batches of {min(BN_BATCH, len(sample))})")
 
 
 class Probe(nn.Module):
-    """backbone -> (features - shift) x scale -> linear classifier. frozen: the backbone runs without
-    gradients and stays in eval mode whatever .train() is asked, so BN statistics never move (the
-    linear-probe protocol). shift/scale stay 0/1 unless --standardize sets them (a fixed affine map
-    the linear layer could absorb, so the probe stays linear)."""
+    """backbone -> (features - shift) x scale -> linear classifier. frozen: the backbone runs without gradients
+    and stays in eval mode whatever .train() is asked, so BN statistics never move (the linear-probe protocol).
+    shift/scale stay 0/1 unless --standardize sets them (a fixed affine map: the probe stays linear)."""
 
     def __init__(self, backbone, width, num_classes, frozen):
         super().__init__()
@@ -256,8 +233,7 @@ def state_fingerprint(module):
     """sha256 of a module's state_dict values (a resumed run must continue on the same backbone)."""
     digest = hashlib.sha256()
     for key, value in module.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(key.encode() + value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -266,19 +242,18 @@ def state_fingerprint(module):
 def knn_protocol(args, backbone, train, val, num_classes, device):
     """Embed train (sharded over the ranks) and val (gathered to every rank), vote, score."""
     t0 = time.perf_counter()
-    inputs = extract_init.embed_for_knn(backbone, (train.paths, train.labels), (val.paths, val.labels), args, device)
+    inputs = shared.embed_for_knn(backbone, (train.paths, train.labels), (val.paths, val.labels), args, device)
     log(f"embedded {len(train)} train + {len(val)} val images in {time.perf_counter() - t0:.1f} s")
     ks = list(dict.fromkeys(min(k, len(train)) for k in args.knn_k))
     if ks != args.knn_k:
         log(f"note: k clamped to the {len(train)} training images: {args.knn_k} -> {ks}")
     t0 = time.perf_counter()
-    accuracy = extract_init.knn_accuracy(*inputs, num_classes, ks, args.knn_temperature, args.chunk_size)
+    accuracy = shared.knn_accuracy(*inputs, num_classes, ks, args.knn_temperature, args.chunk_size)
     results = {str(k): {"top1": top1, "top5": top5} for k, (top1, top5) in accuracy.items()}
     for k, r in results.items():
         log(f"kNN k={k} T={args.knn_temperature:g}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f} ({len(val)} val)")
     log(f"voting took {time.perf_counter() - t0:.1f} s")
-    first = results[str(ks[0])]
-    return {"top1": first["top1"], "top5": first["top5"], "k": ks[0], "results": results,
+    return {**results[str(ks[0])], "k": ks[0], "results": results,  # top1, top5 of the first k
             "settings": {"k": ks, "temperature": args.knn_temperature}}
 
 
@@ -290,12 +265,9 @@ def trained_protocol(args, protocol, name, settings, backbone, width, train, val
         train = labelled_subset(args, train, name, settings)
     optimizer = protocol_optimizer(args, protocol, probe, settings)
     snapshot = {k: v.detach().clone() for k, v in backbone.state_dict().items()} if protocol == "linear" else None
-    if args.cached_features:
-        train_epoch, evaluate_epoch = cached_probe(args, probe, optimizer, train, val, local_batch, device)
-    else:
-        train_epoch, evaluate_epoch = image_training(args, probe, optimizer, train, val, local_batch, device)
+    epochs = cached_probe if args.cached_features else image_training  # -> (train one epoch, evaluate)
     history = fit(args, os.path.join(args.out, name), settings, probe if protocol == "semi" else probe.fc, optimizer,
-                  train_epoch, evaluate_epoch)
+                  *epochs(args, probe, optimizer, train, val, local_batch, device))
     result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "settings": settings,
               "best_top1": max(h["top1"] for h in history), "history": history}
     if snapshot is not None:  # the frozen backbone must be exactly what was loaded
@@ -310,15 +282,15 @@ def trained_protocol(args, protocol, name, settings, backbone, width, train, val
 
 
 def fit(args, stem, settings, trained, optimizer, train_epoch, evaluate_epoch, after_epoch=None):
-    """The epochs of a trained protocol (04's, and 05's fine-tuning): train, evaluate, log to
-    <stem>_log.jsonl, checkpoint <stem>_checkpoint.pt (`trained` and the optimizer; the resume
-    contract), then after_epoch(history). Resumes from the checkpoint; returns the history."""
+    """The epochs of a trained protocol (04's, 05's fine-tuning), resumed from <stem>_checkpoint.pt: train, evaluate,
+    log to <stem>_log.jsonl, checkpoint `trained` and the optimizer, after_epoch(history). Returns the history."""
     ckpt_path, log_path = stem + "_checkpoint.pt", stem + "_log.jsonl"
-    history = (extract_init.resume_from(ckpt_path, settings, trained, optimizer) or {}).get("history", [])
-    extract_init.append_log(log_path, None, epochs_done=len(history))  # what a killed epoch logged goes
+    history = (shared.resume_from(ckpt_path, settings, trained, optimizer) or {}).get("history", [])
+    shared.append_log(log_path, None, epochs_done=len(history))  # what a killed epoch logged goes
     t_start, first_epoch = time.perf_counter(), len(history)
     for epoch in range(first_epoch, args.epochs):
-        extract_init.PROGRESS["where"] = f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, in {os.path.basename(ckpt_path)})"
+        shared.PROGRESS["where"] = (f"in epoch {epoch + 1} of {args.epochs} ({epoch} finished, "
+                                    f"in {os.path.basename(ckpt_path)})")
         t0 = time.perf_counter()
         loss, lr_now = train_epoch(epoch)
         top1, top5, count = evaluate_epoch()
@@ -327,28 +299,29 @@ def fit(args, stem, settings, trained, optimizer, train_epoch, evaluate_epoch, a
                         "val_images": count, "epoch_s": round(time.perf_counter() - t0, 3)})
         log(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} lr {lr_now:.4g} top-1 {top1:.2f} top-5 {top5:.2f} "
             f"({count} val) {time.perf_counter() - t0:.1f} s eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        extract_init.append_log(log_path, history[-1])  # before the checkpoint: a resume drops it if need be
-        extract_init.save_for_resume(ckpt_path, settings, trained, optimizer, epoch=epoch, history=history)
+        shared.append_log(log_path, history[-1])  # before the checkpoint: a resume drops it if need be
+        shared.save_for_resume(ckpt_path, settings, trained, optimizer, epoch=epoch, history=history)
         if after_epoch is not None:
             after_epoch(history)
     return history
 
 
 def labelled_subset(args, train, name, settings):
-    """Table 7's labelled images: a class-balanced --label-fraction drawn with --seed, or --subset-file;
-    listed in RUN/<name>_subset.txt and fingerprinted in the settings."""
+    """Table 7's labelled images: a class-balanced --label-fraction drawn with --seed, or --subset-file; listed in
+    RUN/<name>_subset.txt and fingerprinted in the settings."""
     train_dir = os.path.join(args.data, "train")
     chosen = (read_subset_file(args.subset_file, train.paths, train_dir) if args.subset_file
               else class_balanced_subset(train.labels, args.label_fraction, args.seed))
-    subset = extract_init.ImageList([train.paths[i] for i in chosen], None, [train.labels[i] for i in chosen])
+    subset = shared.ImageList([train.paths[i] for i in chosen], None, [train.labels[i] for i in chosen])
     rel = "\n".join(os.path.relpath(p, train_dir).replace(os.sep, "/") for p in subset.paths)
     settings.update(label_fraction=args.label_fraction, labelled_images=len(subset),
                     subset=hashlib.sha256(rel.encode()).hexdigest())
     listed = os.path.join(args.out, name + "_subset.txt")
     if dsm.is_main():
-        extract_init.atomic_save((rel + "\n").encode(), listed, dump=lambda data, f: f.write(data))
+        shared.atomic_save((rel + "\n").encode(), listed, dump=lambda data, f: f.write(data))
     log(f"labelled subset: {len(subset)} images ({100 * len(subset) / len(train):.2f}% of train, "
-        f"{'from ' + args.subset_file if args.subset_file else f'class-balanced, seed {args.seed}'}); listed in {listed}")
+        f"{'from ' + args.subset_file if args.subset_file else f'class-balanced, seed {args.seed}'}); "
+        f"listed in {listed}")
     return subset
 
 
@@ -377,12 +350,14 @@ def image_training(args, probe, optimizer, train, val, local_batch, device):
     model = dsm.data_parallel(probe, device)
     train.transform = probe_train_transform(args.image_size)
     sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    loader = extract_init.data_loader(train, args, device, batch_size=local_batch, sampler=sampler)
-    if args.standardize:
-        standardize(probe, extract_init.embed(probe.backbone, sample_shard(train.paths, args.seed), args, device))
+    loader = shared.data_loader(train, args, device, batch_size=local_batch, sampler=sampler)
+    if args.standardize:  # on this rank's shard of up to SAMPLE training images drawn with --seed
+        sample = shared.fixed_sample(len(train.paths), SAMPLE, args.seed)
+        s0, s1 = dsm.shard_range(len(sample), rank, world)
+        standardize(probe, shared.embed(probe.backbone, [train.paths[i] for i in sample[s0:s1]], args, device))
 
     def train_epoch(epoch):
-        extract_init.seed_everything(extract_init.step_seed(args.seed, epoch, rank))  # resumable crops
+        shared.seed_everything(shared.step_seed(args.seed, epoch, rank))  # resumable crops
         sampler.set_epoch(epoch)
         return image_epoch(model, optimizer, loader, args, epoch, device)
 
@@ -390,16 +365,12 @@ def image_training(args, probe, optimizer, train, val, local_batch, device):
 
 
 def cached_probe(args, probe, optimizer, train, val, local_batch, device):
-    """(train one epoch, evaluate) of the linear layer on features embedded once (centre crops),
-    each process holding a contiguous shard of the train and val features."""
-    rank, world = dsm.get_rank(), dsm.get_world_size()
-    t0 = time.perf_counter()
-    start, end = dsm.shard_range(len(train), rank, world)
-    v0, v1 = dsm.shard_range(len(val), rank, world)
-    train_x, val_x = (extract_init.embed(probe.backbone, paths, args, device)
+    """(train one epoch, evaluate) of the linear layer on centre-crop features embedded once, sharded over ranks."""
+    rank, world, t0 = dsm.get_rank(), dsm.get_world_size(), time.perf_counter()
+    (start, end), (v0, v1) = dsm.shard_range(len(train), rank, world), dsm.shard_range(len(val), rank, world)
+    train_x, val_x = (shared.embed(probe.backbone, paths, args, device)
                       for paths in (train.paths[start:end], val.paths[v0:v1]))
-    train_y = torch.tensor(train.labels[start:end], device=device)
-    val_y = torch.tensor(val.labels[v0:v1], device=device)
+    train_y, val_y = (torch.tensor(y, device=device) for y in (train.labels[start:end], val.labels[v0:v1]))
     log(f"cached features: {len(train)} train + {len(val)} val images embedded in {time.perf_counter() - t0:.1f} s")
     if args.standardize:
         standardize(probe, train_x)
@@ -410,31 +381,23 @@ def cached_probe(args, probe, optimizer, train, val, local_batch, device):
 
     def evaluate_epoch():
         with torch.no_grad(), one_cpu_thread(device):
-            return count_hits(probe.classify(val_x), val_y)
+            return sum_hits(local_hits(probe.classify(val_x), val_y))
 
     return train_epoch, evaluate_epoch
 
 
-def sample_shard(paths, seed):
-    """This rank's shard of at most SAMPLE of `paths` drawn with `seed`."""
-    sample = extract_init.fixed_sample(len(paths), SAMPLE, seed)
-    s0, s1 = dsm.shard_range(len(sample), dsm.get_rank(), dsm.get_world_size())
-    return [paths[i] for i in sample[s0:s1]]
-
-
 def image_epoch(model, optimizer, loader, args, epoch, device):
-    """One epoch on (image, label) batches, lr set every step (cosine over args.epochs); also 05's
-    fine-tuning loop. Rank 0's BN statistics go to every rank at the end. Returns (mean loss, last lr)."""
+    """One epoch on (image, label) batches (also 05's fine-tuning), lr set every step (cosine over args.epochs), rank
+    0's BN statistics sent to every rank at the end. Returns (mean loss, last lr)."""
     model.train()
-    steps = len(loader)
-    meter, total, lr = extract_init.Meter(), 0.0, 0.0
-    for i, ((images, targets), wait) in enumerate(extract_init.timed_batches(loader)):
+    meter, total, lr, steps = shared.Meter(), 0.0, 0.0, len(loader)
+    for i, ((images, targets), wait) in enumerate(shared.timed_batches(loader)):
         lr = set_lr(optimizer, epoch + (i + 0.5) / steps, args.epochs)
-        with extract_init.autocast(device):
-            logits = model(extract_init.to_device(images, device))
+        with shared.autocast(device):
+            logits = model(shared.to_device(images, device))
         loss = F.cross_entropy(logits.float(), targets.to(device, non_blocking=True))
         value = mean_over_ranks(loss.item(), device)  # the global mean: every rank stops together
-        extract_init.stop_if_not_finite(value, f"epoch {epoch} step {i}", "lower --lr and rerun to resume from the last epoch")
+        shared.stop_if_not_finite(value, f"epoch {epoch} step {i}", RETRY)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -447,10 +410,9 @@ def image_epoch(model, optimizer, loader, args, epoch, device):
 
 
 def cached_epoch(probe, optimizer, train_x, train_y, start, num_train, args, epoch):
-    """One epoch of the linear layer on cached features. The global batches come from one
-    permutation shared by all ranks; each rank takes the members of the batch in its feature shard
-    [start, start + len(train_x)), and one all_reduce sums the gradients and the loss, so the step
-    equals the single-process one on any process count. Returns (mean loss, last lr)."""
+    """One epoch of the linear layer on cached features. The global batches come from one permutation shared by all
+    ranks; each rank takes the batch's members in its feature shard [start, start + len(train_x)), and one all_reduce
+    sums gradients and loss: the step equals the single-process one on any process count. Returns (mean loss, lr)."""
     order = torch.randperm(num_train, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
     order, steps, total, lr = order.to(train_x.device), math.ceil(num_train / args.batch_size), 0.0, 0.0
     params = [probe.fc.weight, probe.fc.bias]
@@ -466,15 +428,13 @@ def cached_epoch(probe, optimizer, train_x, train_y, start, num_train, args, epo
         for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
             p.grad = g.view_as(p)
         optimizer.step()
-        extract_init.stop_if_not_finite(flat[-1].item(), f"epoch {epoch} step {i}",
-                                        "lower --lr and rerun to resume from the last epoch")
+        shared.stop_if_not_finite(flat[-1].item(), f"epoch {epoch} step {i}", RETRY)
         total += flat[-1].item()
     return total / steps, lr
 
 
 def standardize(probe, features):
-    """Set the probe's shift/scale to the per-dimension mean and 1/std of the features, summed over
-    the ranks' shards (float64), so every process gets the same values."""
+    """Set the probe's shift/scale to the per-dimension mean and 1/std of the features on all ranks (float64 sums)."""
     stats = torch.cat([features.double().sum(0), features.double().pow(2).sum(0),
                        torch.tensor([len(features)], dtype=torch.float64, device=features.device)])
     if dist.is_initialized():
@@ -491,7 +451,7 @@ def standardize(probe, features):
 def set_lr(optimizer, progress, epochs):
     """Cosine decay (no warm-up) of every group's base_lr; progress in epochs. Returns the first group's lr."""
     for group in optimizer.param_groups:
-        group["lr"] = extract_init.cosine_lr(group["base_lr"], progress, 0, epochs)
+        group["lr"] = shared.cosine_lr(group["base_lr"], progress, 0, epochs)
     return optimizer.param_groups[0]["lr"]
 
 
@@ -499,33 +459,28 @@ def set_lr(optimizer, progress, epochs):
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, args, device):
-    """(top-1 %, top-5 %, images counted) of a classifier over a whole (image, label) dataset. Each
-    process scores a contiguous shard (sizes differ by <= 1) and the hit counts are summed over the
-    processes: every image is counted exactly once, on any process count."""
+    """(top-1 %, top-5 %, images counted) of a classifier over a whole (image, label) dataset. Each process scores a
+    contiguous shard (sizes differ by <= 1), the hits are summed: every image counts once, on any process count."""
     model.eval()
-    start, end = dsm.shard_range(len(dataset), dsm.get_rank(), dsm.get_world_size())
-    loader = extract_init.data_loader(torch.utils.data.Subset(dataset, range(start, end)), args, device,
-                                      batch_size=batch_size)
+    shard = range(*dsm.shard_range(len(dataset), dsm.get_rank(), dsm.get_world_size()))
+    loader = shared.data_loader(torch.utils.data.Subset(dataset, shard), args, device, batch_size=batch_size)
     hits = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in loader:
-        with extract_init.autocast(device):
-            logits = model(extract_init.to_device(images, device))
+        with shared.autocast(device):
+            logits = model(shared.to_device(images, device))
         hits += local_hits(logits.float(), labels.to(device))
     return sum_hits(hits)
-
-
-def count_hits(logits, targets):
-    """(top-1 %, top-5 %, count) of this rank's logits, summed over the ranks."""
-    return sum_hits(local_hits(logits, targets))
 
 
 def local_hits(logits, targets):
     """[top-1 hits, top-5 hits, count] (float64) of one rank's predictions; top-5 clamps to the class count."""
     correct = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-    return torch.stack([correct[:, 0].sum(), correct.any(1).sum(), torch.tensor(len(targets), device=logits.device)]).double()
+    return torch.stack([correct[:, 0].sum(), correct.any(1).sum(),
+                        torch.tensor(len(targets), device=logits.device)]).double()
 
 
 def sum_hits(hits):
+    """(top-1 %, top-5 %, count) of local_hits summed over the ranks."""
     if dist.is_initialized():
         dist.all_reduce(hits)
     top1, top5, count = hits.tolist()
@@ -543,8 +498,7 @@ def mean_over_ranks(value, device):
 
 @contextlib.contextmanager
 def one_cpu_thread(device):
-    """On CPU, run the cached probe's many tiny matrix ops on one thread: waking a thread pool for
-    each costs more than the op (and far more on a busy machine)."""
+    """On CPU, the cached probe's tiny matrix ops on one thread: waking a thread pool costs more (far more if busy)."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -559,17 +513,13 @@ def one_cpu_thread(device):
 def probe_train_transform(image_size):
     """The probe's and fine-tuning's training crops: random resized crop + flip, nothing else."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(extract_init.IMAGENET_MEAN, extract_init.IMAGENET_STD)])
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(shared.IMAGENET_MEAN, shared.IMAGENET_STD)])
 
 
 def class_balanced_subset(labels, fraction, seed):
     """Sorted indices: round(fraction x n_c) images (at least 1) of every class c, drawn with `seed`."""
-    labels = torch.as_tensor(labels)
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
+    labels, generator, chosen = torch.as_tensor(labels), torch.Generator().manual_seed(seed), []
     for c in range(int(labels.max()) + 1):
         members = (labels == c).nonzero()[:, 0]
         if len(members):
@@ -579,8 +529,8 @@ def class_balanced_subset(labels, fraction, seed):
 
 
 def read_subset_file(path, train_paths, train_dir):
-    """Sorted indices of the images a subset file names: one per line, a path under train/ or a
-    file name that occurs once (as in the 1% / 10% ImageNet lists)."""
+    """Sorted indices of the images a subset file names, one per line: a path under train/ or a file name that
+    occurs once (as in the 1% / 10% ImageNet lists)."""
     if not os.path.isfile(path):
         fail(f"--subset-file {path} not found")
     rel = [os.path.relpath(p, train_dir).replace(os.sep, "/") for p in train_paths]

@@ -17,8 +17,9 @@ pieces that collectives stitch together. Per process and training step (the pape
 
 No max all-reduce is needed: |cos| <= 1 bounds |s_ij| by 1/tau <= 40, where exp can neither
 overflow nor underflow in fp32. The same code runs on gloo (CPU) and NCCL (GPU), and without a
-process group as the plain cosine softmax. Then: the row collectives the stages share, and behind
-one banner, what every stage needs from the process group.
+process group as the plain cosine softmax (written plainly, in float64: tests/test_dist_softmax.py's
+reference_loss). Then the row collectives the stages share; behind one banner, what every stage
+needs from the process group.
 """
 import math
 import os
@@ -118,7 +119,7 @@ class _CosineSoftmax(torch.autograd.Function):
             w = (weight if rows is None else weight[rows]).to(dtype)
             local_ids = _columns(ids - module.start, rows)  # other shards' ids fall outside [0, len(w))
             inv_w_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
-            x_log2 = (x_norm * (LOG2E / tau)).to(mm_dtype)
+            x_log2 = (x_norm * (LOG2E / tau)).to(mm_dtype)  # log2(e) folded in: one exp2_ in place gives exp(s)
             sums = x.new_zeros(2, len(x_norm))  # per row: sum_j exp(s_ij), log2(e) sum_j y_ij s_ij
             kept = []
             for c0, c1 in _chunks(len(w), module.chunk_size):
@@ -263,7 +264,7 @@ def each_shard(local, num_rows, spare=0):
         if owner == get_rank():
             buffer[:end - start] = local
         buffer[end - start:] = 0
-        if world > 1:
+        if world > 1 and end > start:
             dist.broadcast(buffer[:end - start], src=owner)
         yield start, end, buffer
 

@@ -139,6 +139,61 @@ def table(args):
     return "\n".join(lines)
 
 
+# (what, arm, its baseline, the paper's figure and the sign of arm - baseline there; None: no claim)
+COMPARISONS = [
+    ("Table 2: + MLP head", "t2_mlp", "t2_no_mlp", ("58.6 -> 67.3", 1)),
+    ("Table 2: + the prior", "t2_prior", "t2_mlp", ("67.3 -> 67.6", 1)),
+    ("Table 2: + smoothing", "default", "t2_prior", ("67.6 -> 68.2", 1)),
+    ("Table 3: all -> M = N/2 sampled classes", "t3_half", "t2_mlp", ("67.3 -> 64.8-65.5", -1)),
+    ("Table 3: all -> M = N/8 sampled classes", "t3_eighth", "t2_mlp", ("67.3 -> 64.8-65.5", -1)),
+    ("Table 4: Gaussian -> prior rows, 1x", "t2_prior", "t2_mlp", ("10 ep: 12.4 -> 27.4", 1)),
+    ("Table 4: Gaussian -> prior rows, 3x", "t4_prior_3x", "t4_gauss_3x", ("25 ep: 40.8 -> 46.3", 1)),
+    ("Table 5: alpha 0.2 -> 0.1", "t5_alpha01", "default", ("68.2 -> 67.7", -1)),
+    ("Table 5: alpha 0.2 -> 0.3", "t5_alpha03", "default", ("68.2 -> 67.5", -1)),
+    ("Table 5: k 10 -> 5 (paper 100 -> 50)", "t5_k5", "default", ("68.2 -> 68.0", -1)),
+    ("Table 5: k 10 -> 20 (paper 100 -> 200)", "t5_k20", "default", ("68.2 -> 67.9", -1)),
+    ("Figure 4: running BNs -> fixed BNs", "bn_fixed", "default", ("running best", -1)),
+    ("Figure 4: running BNs -> running averages (ema)", "bn_ema", "default", None),
+    ("SimCLR's jitter -> MoCo v2's", "aug_mocov2", "default", None),
+    ("the PIL data path -> the device path", "device", "default", None),
+]
+
+
+def comparison(args):
+    """Each arm against its baseline, seed by seed: mean (range) of the differences in kNN and probe top-1,
+    and a verdict on the probe against the paper's direction."""
+    lines = ["| comparison | paper (linear top-1) | kNN k=20: arm - base | probe: arm - base | verdict |",
+             "| --- | --- | --- | --- | --- |"]
+    for what, arm, base, paper in COMPARISONS:
+        seeds = sorted(os.listdir(os.path.join(args.out, arm))) if os.path.isdir(os.path.join(args.out, arm)) else []
+        pairs = [(measures(os.path.join(args.out, arm, s)), measures(os.path.join(args.out, base, s))) for s in seeds]
+        pairs = [(a, b) for a, b in pairs if "probe" in a and "probe" in b]
+        cells = []
+        for key in ("knn20", "probe"):
+            d = [a[key] - b[key] for a, b in pairs]
+            cells.append(f"{statistics.mean(d):+.1f} ({min(d):+.1f} to {max(d):+.1f})" if d else "-")
+        d = [a["probe"] - b["probe"] for a, b in pairs]
+        sign = paper[1] if paper else 0
+        verdict = ("-" if not d else "no paper figure" if not sign else "same direction" if all(x * sign > 0 for x in d)
+                   else "opposite" if all(x * sign < 0 for x in d) else "within the seed spread")
+        lines.append(f"| {what} | {paper[0] if paper else '-'} | {cells[0]} | {cells[1]} | "
+                     f"{verdict} ({len(d)} seeds) |")
+    return "\n".join(lines)
+
+
+def detail(args):
+    """Seed by seed: kNN top-1 (k=20 / k=200), probe top-1, and the kNN curve's last point minus 04's kNN."""
+    lines = ["| arm | seed | kNN k=20 | kNN k=200 | probe | curve - 04 |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in list(ARMS) + ["random"]:
+        folder = os.path.join(args.out, name)
+        for seed in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            m = measures(os.path.join(folder, seed), "_random" if name == "random" else "")
+            cells = [f"{m[key]:.1f}" if key in m else "-" for key in ("knn20", "knn200", "probe")]
+            curve = f"{m['curve_minus_04']:+.2f}" if "curve_minus_04" in m else "-"
+            lines.append(f"| {name} | {seed[4:]} | {' | '.join(cells)} | {curve} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data")
@@ -146,6 +201,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
     parser.add_argument("--table", action="store_true", help="print the table of the finished arms and stop")
+    parser.add_argument("--detail", action="store_true", help="with --table: every seed of every arm as well")
     args = parser.parse_args()
     if not args.table:
         num_train = sum(len(files) for _, _, files in os.walk(os.path.join(args.data, "train")))
@@ -153,7 +209,7 @@ def main():
             run_random(seed, args)
             for name in args.arms.split(","):
                 run_arm(name, seed, args, num_train)
-    print(table(args))
+    print(table(args) + "\n\n" + comparison(args) + ("\n\n" + detail(args) if args.detail else ""))
 
 
 if __name__ == "__main__":

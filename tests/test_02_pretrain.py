@@ -558,14 +558,16 @@ def same_device_batches_with_workers(rank, world, paths):
             assert torch.equal(ids, ids0) and torch.equal(views, views0)
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-@pytest.mark.parametrize("kind", ["png", "jpeg"])
-def test_device_path_batches_through_loader_workers_equal_the_in_process_ones(prepared, tmp_path, kind):
+@pytest.mark.parametrize("kind, processes", [("png", 1), ("jpeg", 2)])
+def test_device_path_batches_through_loader_workers_equal_the_in_process_ones(prepared, tmp_path, kind, processes):
+    """--workers 1 and 2 against --workers 0: PNG on one process, JPEG on two."""
     data, _ = prepared
     train = os.path.join(data, "train") if kind == "png" else as_jpegs(os.path.join(data, "train"), str(tmp_path))
     paths, _, _ = extract.list_images(train)
-    same_device_batches_with_workers(0, 1, paths)
-    run_distributed(same_device_batches_with_workers, 2, paths)
+    if processes == 1:
+        same_device_batches_with_workers(0, 1, paths)
+    else:
+        run_distributed(same_device_batches_with_workers, processes, paths)
 
 
 def test_two_processes_finish_an_epoch_on_the_device_path_with_a_loader_worker(prepared, tmp_path):
