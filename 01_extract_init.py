@@ -88,8 +88,7 @@ def main(argv=None):
             fail(f"{args.out} holds a trained run ({trained}); 01 would replace the init.pt it started from; pass a "
                  "new --out, or --overwrite to replace init.pt (02 then still resumes from checkpoint.pt)")
         # 01 defines the run's data: an earlier 01 that stopped before writing init.pt does not bind it.
-        made = os.path.isfile(os.path.join(args.out, "init.pt"))
-        fingerprint = check_data(args.out, paths, args.data, replace=not made)
+        fingerprint = check_data(args.out, paths, args.data, replace=not os.path.isfile(f"{args.out}/init.pt"))
         local_batch = resolve_rank_batch(args.batch_size, world)
         if args.init == "raw" and len(prior_batches(n, local_batch, args.seed)) < world:
             fail(f"--batch-size {args.batch_size} leaves some of the {world} processes without a batch of the "
@@ -241,10 +240,9 @@ def view_cosine_gap(net, paths, args, device, batch_size=64):
 
 
 # ================================================================ What every stage shares
-# Arguments (Parser, add_common_args); a stage's harness (stage, fail, log, InputError); run-folder
-# files (atomic_save, load_run_file, resume_from, save_for_resume, append_log); data (list_images,
-# check_data, list_val_images, ImageList, load_rgb, data_loader); transforms; the network
-# (EmbeddingNet, build_backbone); the loops' pieces (step_seed, cosine_lr, Meter); kNN.
+# Arguments; a stage's harness (stage, fail, log, InputError); run-folder files (atomic_save, load_run_file,
+# resume_from, save_for_resume, append_log); data (list_images, check_data, list_val_images, ImageList,
+# data_loader); transforms; the network (EmbeddingNet, build_backbone); loop pieces (step_seed, Meter); kNN.
 # ---------------------------------------------------------------- arguments
 
 class Parser(argparse.ArgumentParser):
