@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from helpers import run_distributed, stage
-from test_dist_softmax import reference_loss
+from test_dist_softmax import reference_loss, save_and_read_back
 
 import dist_softmax
 from dist_softmax import DistCosineSoftmax, shard_range
@@ -358,13 +358,7 @@ def save_after_one_step(rank, world_size, path):
     optimizer.step()
     momentum = optimizer.state[classifier.weight]["momentum_buffer"]
     assert momentum.abs().sum() > 0
-    state = dist_softmax.gather_classifier(classifier, optimizer)
-    if rank == 0:
-        torch.save(state, path)
-    else:
-        assert state is None
-    dist.barrier()
-    saved = torch.load(path, weights_only=True)
+    saved = save_and_read_back(classifier, optimizer, path)
     assert saved["num_classes"] == N and saved["weight"].shape == saved["momentum"].shape == (N, DIM)
     assert torch.equal(saved["weight"][classifier.start:classifier.end], classifier.weight.detach()), f"rank {rank}"
     assert torch.equal(saved["momentum"][classifier.start:classifier.end], momentum), f"rank {rank}"

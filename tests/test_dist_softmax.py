@@ -221,6 +221,18 @@ def test_temperature_below_the_safe_bound_is_refused():
         DistCosineSoftmax(10, 4, temperature=0.01)
 
 
+def save_and_read_back(classifier, optimizer, path):
+    """gather_classifier on every rank, torch.save on rank 0 (only rank 0 gets the dict), then every rank reads it."""
+    state = dist_softmax.gather_classifier(classifier, optimizer)
+    if classifier.rank == 0:
+        torch.save(state, path)
+    else:
+        assert state is None
+    if classifier.world_size > 1:
+        dist.barrier()
+    return torch.load(path, weights_only=True)
+
+
 def save_after_one_step(rank, world_size, path):
     inputs, labels, hard, weight, backbone = make_problem(world_size)
     classifier = DistCosineSoftmax(NUM_CLASSES, DIM, TAU)
@@ -230,14 +242,8 @@ def save_after_one_step(rank, world_size, path):
     mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     classifier((inputs[mine] @ backbone.t()).float(), labels[mine], hard[mine], 0.2).backward()
     optimizer.step()
-    state = dist_softmax.gather_classifier(classifier, optimizer)
-    if rank == 0:
-        torch.save(state, path)
-    else:
-        assert state is None
-    dist.barrier()
+    saved = save_and_read_back(classifier, optimizer, path)
     # Every row of the file is this rank's row where it owns it.
-    saved = torch.load(path, weights_only=True)
     torch.testing.assert_close(saved["weight"][classifier.start:classifier.end], classifier.weight.detach())
     momentum = optimizer.state[classifier.weight]["momentum_buffer"]
     torch.testing.assert_close(saved["momentum"][classifier.start:classifier.end], momentum)

@@ -737,7 +737,8 @@ def test_a_corrupt_jpeg_on_the_device_path_trains_without_decoder_noise(data, tm
     assert done.returncode == 0 and "Corrupt JPEG" not in done.stderr and done.stderr.strip() == "", done.stderr
 
 
-def test_the_log_holds_each_step_once_after_a_kill_during_the_first_checkpoint(data, run, monkeypatch, capsys):
+def killed_in_the_first_checkpoint_then_rerun(monkeypatch, main, argv):
+    """main(argv) killed while writing its first checkpoint (after the epoch's log lines), then run again."""
     real_save = extract.atomic_save
 
     def killed_in_the_checkpoint(obj, path, **kwargs):
@@ -746,9 +747,13 @@ def test_the_log_holds_each_step_once_after_a_kill_during_the_first_checkpoint(d
         real_save(obj, path, **kwargs)
     monkeypatch.setattr(extract, "atomic_save", killed_in_the_checkpoint)
     with pytest.raises(SystemExit):
-        stages["02_pretrain"].main(argv_02(data, run, 2))
+        main(argv)
     monkeypatch.setattr(extract, "atomic_save", real_save)
-    stages["02_pretrain"].main(argv_02(data, run, 2))
+    main(argv)
+
+
+def test_the_log_holds_each_step_once_after_a_kill_during_the_first_checkpoint(data, run, monkeypatch):
+    killed_in_the_first_checkpoint_then_rerun(monkeypatch, stages["02_pretrain"].main, argv_02(data, run, 2))
     records = [json.loads(line) for line in open(os.path.join(run, "pretrain_log.jsonl"))]
     steps = [(r["epoch"], r["step"]) for r in records if "step" in r]
     assert steps == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
@@ -756,18 +761,8 @@ def test_the_log_holds_each_step_once_after_a_kill_during_the_first_checkpoint(d
 
 
 def test_04s_log_holds_each_epoch_once_after_a_kill_during_a_checkpoint(data, run, monkeypatch):
-    real_save, argv = extract.atomic_save, [*network(run, data), "--pretrained", "random", "--cached-features",
-                                           "--epochs", "2"]
-
-    def killed_in_the_checkpoint(obj, path, **kwargs):
-        if path.endswith("_checkpoint.pt"):
-            raise KeyboardInterrupt
-        real_save(obj, path, **kwargs)
-    monkeypatch.setattr(extract, "atomic_save", killed_in_the_checkpoint)
-    with pytest.raises(SystemExit):
-        stages["04_linear_eval"].main(argv)
-    monkeypatch.setattr(extract, "atomic_save", real_save)
-    stages["04_linear_eval"].main(argv)
+    argv = [*network(run, data), "--pretrained", "random", "--cached-features", "--epochs", "2"]
+    killed_in_the_first_checkpoint_then_rerun(monkeypatch, stages["04_linear_eval"].main, argv)
     records = [json.loads(line) for line in open(os.path.join(run, "linear_eval_cached_random_log.jsonl"))]
     assert [r["epoch"] for r in records] == [0, 1]
 
