@@ -171,14 +171,15 @@ def comparison(args):
         cells = []
         for key in ("knn20", "probe"):
             d = [a[key] - b[key] for a, b in pairs]
-            cells.append(f"{statistics.mean(d):+.1f} ({min(d):+.1f} to {max(d):+.1f})" if d else "-")
+            spread = f" ({min(d):+.1f} to {max(d):+.1f})" if len(d) > 1 else ""
+            cells.append(f"{statistics.mean(d):+.1f}{spread}" if d else "-")
         d = [a["probe"] - b["probe"] for a, b in pairs]
         sign = paper[1] if paper else 0
         verdict = ("-" if not d else "no paper figure" if not sign else "same direction" if all(x * sign > 0 for x in d)
                    else "opposite" if all(x * sign < 0 for x in d) else "within the seed spread")
         if d and sign and len(d) < 3:  # a verdict needs three seeds; fewer show only the sign so far
-            so_far = {"same direction": "the paper's sign", "opposite": "the opposite sign"}.get(verdict, "mixed signs")
-            verdict = "no verdict yet, " + so_far
+            verdict = {"same direction": "the paper's sign", "opposite": "the opposite sign"}.get(verdict, "mixed signs")
+            verdict += " so far"
         lines.append(f"| {what} | {paper[0] if paper else '-'} | {cells[0]} | {cells[1]} | "
                      f"{verdict} ({len(d)} seed{'' if len(d) == 1 else 's'}) |")
     return "\n".join(lines)
