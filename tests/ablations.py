@@ -107,6 +107,12 @@ def measures(folder, suffix=""):
     return found
 
 
+def seed_folders(out, arm):
+    """The arm's seed folders (seed0, seed1, ...) found under `out`, sorted."""
+    folder = os.path.join(out, arm)
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
 def retrieval(init_folder_log):
     """01's same-class top-1 retrieval (%) from its log, or None."""
     if not os.path.isfile(init_folder_log):
@@ -124,7 +130,7 @@ def table(args):
              "| --- | --- | --- | --- | --- | --- |"]
     rows = [(name, what, ARMS[name][1]) for name, (what, _, _) in ARMS.items()] + [("random", "the random network", None)]
     for name, what, flags_01 in rows:
-        seeds = sorted(os.listdir(os.path.join(args.out, name))) if os.path.isdir(os.path.join(args.out, name)) else []
+        seeds = seed_folders(args.out, name)
         found = [measures(os.path.join(args.out, name, s), "_random" if name == "random" else "") for s in seeds]
         found = [f for f in found if "probe" in f]
         got = {key: [f[key] for f in found if key in f] for key in ("knn20", "knn200", "probe")}
@@ -132,8 +138,9 @@ def table(args):
         ret = [retrieval(os.path.join(init, s + ".log")) for s in seeds] if flags_01 is not None and "--init" not in flags_01 else []
         lines.append(f"| {what} | {len(found)} | {cell(got['knn20'])} | {cell(got['knn200'])} | {cell(got['probe'])} | "
                      f"{cell([r for r in ret if r is not None])} |")
-    gaps = [abs(measures(os.path.join(args.out, n, s)).get("curve_minus_04", 0)) for n in ARMS
-            for s in (os.listdir(os.path.join(args.out, n)) if os.path.isdir(os.path.join(args.out, n)) else [])]
+    found = [measures(os.path.join(args.out, n, s)) for n in ARMS
+             for s in seed_folders(args.out, n)]
+    gaps = [abs(m["curve_minus_04"]) for m in found if "curve_minus_04" in m]  # runs with a curve and a 04 kNN
     lines.append(f"\nkNN curve's last point minus 04's kNN (k=20) of the same backbone: at most {max(gaps or [0]):.2f} "
                  f"points over {len(gaps)} runs")
     return "\n".join(lines)
@@ -165,7 +172,7 @@ def comparison(args):
     lines = ["| comparison | paper (linear top-1) | kNN k=20: arm - base | probe: arm - base | verdict |",
              "| --- | --- | --- | --- | --- |"]
     for what, arm, base, paper in COMPARISONS:
-        seeds = sorted(os.listdir(os.path.join(args.out, arm))) if os.path.isdir(os.path.join(args.out, arm)) else []
+        seeds = seed_folders(args.out, arm)
         pairs = [(measures(os.path.join(args.out, arm, s)), measures(os.path.join(args.out, base, s))) for s in seeds]
         pairs = [(a, b) for a, b in pairs if "probe" in a and "probe" in b]
         cells = []
@@ -190,7 +197,7 @@ def detail(args):
     lines = ["| arm | seed | kNN k=20 | kNN k=200 | probe | curve - 04 |", "| --- | --- | --- | --- | --- | --- |"]
     for name in list(ARMS) + ["random"]:
         folder = os.path.join(args.out, name)
-        for seed in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        for seed in seed_folders(args.out, name):
             m = measures(os.path.join(folder, seed), "_random" if name == "random" else "")
             cells = [f"{m[key]:.1f}" if key in m else "-" for key in ("knn20", "knn200", "probe")]
             curve = f"{m['curve_minus_04']:+.2f}" if "curve_minus_04" in m else "-"
