@@ -116,7 +116,7 @@ class _CosineSoftmax(torch.autograd.Function):
             x = features.to(dtype)
             x_norm = F.normalize(all_gather_rows(x), dim=1)  # step 2: the global batch B = W*b
             target_weight = _target_weights(ids.shape, alpha, x)
-            w = (weight if rows is None else weight[rows]).to(dtype)
+            w = (weight if rows is None else weight.index_select(0, rows)).to(dtype)
             local_ids = _columns(ids - module.start, rows)  # other shards' ids fall outside [0, len(w))
             inv_w_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
             x_log2 = (x_norm * (LOG2E / tau)).to(mm_dtype)  # log2(e) folded in: one exp2_ in place gives exp(s)
