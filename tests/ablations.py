@@ -187,8 +187,8 @@ def comparison(args):
         if d and sign and len(d) < 3:  # a verdict needs three seeds; fewer show only the sign so far
             verdict = {"same direction": "the paper's sign", "opposite": "the opposite sign"}.get(verdict, "mixed signs")
             verdict += " so far"
-        lines.append(f"| {what} | {paper[0] if paper else '-'} | {cells[0]} | {cells[1]} | "
-                     f"{verdict} ({len(d)} seed{'' if len(d) == 1 else 's'}) |")
+        count = "" if len(d) >= 3 else f" ({len(d)} seed{'' if len(d) == 1 else 's'})"
+        lines.append(f"| {what} | {paper[0] if paper else '-'} | {cells[0]} | {cells[1]} | {verdict}{count} |")
     return "\n".join(lines)
 
 
