@@ -473,14 +473,14 @@ def detect_shard(net, dataset, count, device):
     return out
 
 
-def voc_ap(detections, truths, num_classes, thresholds=None, metric="all-point"):
+def voc_ap(detections, truths, num_classes, metric):
     """VOC-style AP. detections: [(image index, boxes [n, 4], scores [n], labels [n] 0-based)]; truths[image index] =
     (boxes [m, 4], labels [m] 1-based, difficult [m]) as voc_objects gives. Per class and IoU threshold, detections in
     descending score order (stable) are matched to the ground truth box of their image and class with the largest IoU.
     IoU > threshold: a difficult box -> ignored, an unmatched box -> true positive, a matched one -> false positive (a
     duplicate); below -> false positive. Recall counts non-difficult boxes; classes without any are left out (AP None).
     Returns AP (%, mean over classes and 0.50:0.05:0.95), AP50, AP75 and the per-class AP and AP50."""
-    thresholds = np.round(np.arange(0.5, 0.951, 0.05), 2) if thresholds is None else np.asarray(thresholds)
+    thresholds = np.round(np.arange(0.5, 0.951, 0.05), 2)  # column 0: IoU 0.50, column 5: 0.75
     table = np.full((num_classes, len(thresholds)), np.nan)
     for c in range(num_classes):
         gt = {i: (boxes[labels == c + 1], difficult[labels == c + 1].numpy())
@@ -511,19 +511,15 @@ def voc_ap(detections, truths, num_classes, thresholds=None, metric="all-point")
             precision = tp[:, t] / np.maximum(tp[:, t] + fp[:, t], np.finfo(np.float64).eps)
             table[c, t] = interpolated_ap(tp[:, t] / positives, precision, metric)
     present = ~np.isnan(table[:, 0])
-    column = {round(float(t), 2): n for n, t in enumerate(thresholds)}
 
     def percent(values):
         return 100.0 * float(np.mean(values)) if np.size(values) else float("nan")
-    at = {key: percent(table[present, column[t]]) if t in column else float("nan")
-          for key, t in (("AP50", 0.5), ("AP75", 0.75))}
-    return {"AP": percent(table[present]), **at,
+    return {"AP": percent(table[present]), "AP50": percent(table[present, 0]), "AP75": percent(table[present, 5]),
             "per_class_AP": [percent(row) if ok else None for row, ok in zip(table, present)],
-            "per_class_AP50": [percent(row[column[0.5]]) if ok and 0.5 in column else None
-                               for row, ok in zip(table, present)]}
+            "per_class_AP50": [percent(row[0]) if ok else None for row, ok in zip(table, present)]}
 
 
-def interpolated_ap(recall, precision, metric="all-point"):
+def interpolated_ap(recall, precision, metric):
     """Area under the precision envelope (max precision at any recall >= r). all-point: at every recall step;
     11-point: the mean over r = 0, 0.1, ..., 1 (VOC 2007's original metric)."""
     if metric == "11-point":

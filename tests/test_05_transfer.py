@@ -280,14 +280,14 @@ def dets(image, boxes, scores, labels):
 def test_perfect_boxes_give_ap_100_at_every_threshold():
     truths = [truth([[0, 0, 10, 10], [20, 20, 40, 30]], [1, 2]), truth([[5, 5, 25, 25]], [1])]
     detections = [dets(0, [[0, 0, 10, 10], [20, 20, 40, 30]], [0.9, 0.8], [0, 1]), dets(1, [[5, 5, 25, 25]], [0.7], [0])]
-    result = transfer.voc_ap(detections, truths, 20)
+    result = transfer.voc_ap(detections, truths, 20, metric="all-point")
     assert (result["AP"], result["AP50"], result["AP75"]) == (100.0, 100.0, 100.0)
     assert result["per_class_AP"][:2] == [100.0, 100.0] and result["per_class_AP"][2] is None  # no boxes: left out
 
 
 def test_a_shifted_box_counts_at_ap50_but_not_at_ap75():
     # shifted by 2 px: IoU = 80 / 120 = 0.667 > 0.50, 0.55, 0.60, 0.65 and < 0.70 ... 0.95
-    result = transfer.voc_ap([dets(0, [[2, 0, 12, 10]], [0.9], [0])], [truth([[0, 0, 10, 10]], [1])], 20)
+    result = transfer.voc_ap([dets(0, [[2, 0, 12, 10]], [0.9], [0])], [truth([[0, 0, 10, 10]], [1])], 20, "all-point")
     assert result["AP50"] == 100.0 and result["AP75"] == 0.0
     assert result["AP"] == pytest.approx(40.0)  # 4 of the 10 thresholds
 
@@ -296,7 +296,7 @@ def test_a_duplicate_detection_is_a_false_positive():
     truths = [truth([[0, 0, 10, 10]], [1]), truth([[0, 0, 10, 10]], [1])]
     detections = [dets(0, [[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [0, 0]), dets(1, [[0, 0, 10, 10]], [0.7], [0])]
     # ranked: TP, FP (duplicate), TP -> recall .5 .5 1, precision 1 .5 .667; all-point AP = .5 + .5 x 2/3
-    result = transfer.voc_ap(detections, truths, 20)
+    result = transfer.voc_ap(detections, truths, 20, metric="all-point")
     assert result["AP50"] == pytest.approx(100 * (0.5 + 0.5 * 2 / 3))
     # 11-point: r = 0 .. .5 -> 1, r = .6 .. 1 -> 2/3
     eleven = transfer.voc_ap(detections, truths, 20, metric="11-point")
@@ -306,10 +306,10 @@ def test_a_duplicate_detection_is_a_false_positive():
 def test_difficult_objects_are_neither_hits_nor_misses():
     truths = [truth([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1], [True, False]), truth([[0, 0, 8, 8]], [2], [True])]
     detections = [dets(0, [[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.8], [0, 0]), dets(1, [[0, 0, 8, 8]], [0.9], [1])]
-    result = transfer.voc_ap(detections, truths, 20)
+    result = transfer.voc_ap(detections, truths, 20, metric="all-point")
     assert result["AP"] == 100.0  # the hit on the difficult box is not a false positive
     assert result["per_class_AP"][1] is None  # a class with only difficult boxes is left out
-    missed = transfer.voc_ap([dets(0, [[20, 20, 30, 30]], [0.8], [0])], truths[:1], 20)
+    missed = transfer.voc_ap([dets(0, [[20, 20, 30, 30]], [0.8], [0])], truths[:1], 20, "all-point")
     assert missed["AP"] == 100.0  # the undetected difficult box is not a miss
 
 
@@ -317,7 +317,7 @@ def test_a_detection_in_an_image_without_that_class_is_a_false_positive():
     truths = [truth([[0, 0, 10, 10]], [1]), truth([], [])]
     detections = [dets(1, [[0, 0, 10, 10]], [0.9], [0]), dets(0, [[0, 0, 10, 10]], [0.8], [0])]
     # FP then TP: recall 0, 1; precision 0, .5 -> AP .5
-    assert transfer.voc_ap(detections, truths, 20)["AP50"] == pytest.approx(50.0)
+    assert transfer.voc_ap(detections, truths, 20, metric="all-point")["AP50"] == pytest.approx(50.0)
 
 
 # ---------------------------------------------------------------- detection
