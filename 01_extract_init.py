@@ -6,15 +6,15 @@ and use each instance's embedding as its classifier row, stored at unit length (
 length; a row's SGD step scales with 1 / |w|^2). --bn reads the paper's "running BNs": running (the
 default) normalises each batch by its own statistics (BN in training mode); ema by the running
 averages the batch has just updated ("a weighted average of ... features extracted in previous
-iterations"); fixed is eval mode. --init random is Figure 4's Gaussian arm (no pass).
+iterations"); fixed is eval mode. --init random: Table 4's Gaussian rows (Figure 4's random init), no pass.
 
 BN subtracts what a batch shares, so the pass draws its batches from a seeded permutation of all N
 instances (prior_batches), never a run of one class folder. A BN batch is one process's share,
 --batch-size / W; process r embeds the centre crops of batches r, r + W, ..., and one all_to_all
 sends every row to its owner. It writes RUN/init.pt ({"network", "classifier": {"weight" [N, 128],
 "momentum": None, "num_classes"}, "args", "fingerprint"}; any process count) and RUN/data.json, and
-prints the rows' same-class top-1 retrieval against chance (the paper: about 3% against 0.1% on
-ImageNet) and Figure 4's gap (two views of one instance against two instances). Below the banner
+prints the rows' same-class top-1 retrieval against chance (loosely, the paper's 3% against 0.1% with a random
+ResNet-50 on ImageNet) and Figure 4's gap (two views of one instance against two instances). Below the banner
 "What every stage shares": the conventions of all stages, defined here as 01 needs them first.
 
 Commands:
@@ -117,7 +117,7 @@ def main(argv=None):
                 hook.remove()
             if args.bn != "fixed":
                 merge_bn_averages(net)  # one network state for the run
-        else:  # Figure 4's Gaussian rows, the same on any process count
+        else:  # Table 4's Gaussian rows (Figure 4's random init), the same on any process count
             rows = dsm.seeded_rows(classifier.start, classifier.end, args.seed,
                                    lambda g, block: torch.randn(block, args.dim, generator=g)).to(device)
         with torch.no_grad():  # unit rows: every arm starts at the same scale whatever the embeddings' norm
@@ -150,8 +150,7 @@ def prior_batches(num_instances, batch_size, seed):
     order = torch.randperm(num_instances, generator=torch.Generator().manual_seed(seed))
     batches = list(order.split(batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:
-        tail = batches.pop()
-        batches[-1] = torch.cat([batches[-1], tail])
+        batches[-2:] = [torch.cat(batches[-2:])]
     return batches
 
 
@@ -278,13 +277,15 @@ POSITIVE, COUNT = number(int, 1), number(int, 0)  # --epochs, --batch-size...; -
 RATE, NON_NEGATIVE, FRACTION = number(float, 0, open_low=True), number(float, 0), number(float, 0, 1, open_high=True)
 
 
-def add_common_args(parser, epochs, batch_size, data_required=True):
-    """The flags every stage shares (see the README's conventions). epochs=None: no --epochs."""
+def add_common_args(parser, epochs, batch_size, data_required=True, network_of_run=False):
+    """The flags every stage shares (see the README's conventions). epochs=None: no --epochs.
+    network_of_run: --arch and --image-size default to the run's (run_network fills them in)."""
     parser.add_argument("--data", required=data_required, metavar="ROOT",
                         help="dataset root holding train/ (and val/ for evaluation), ImageFolder layout")
     parser.add_argument("--out", default="run", metavar="RUN", help="run folder shared by all stages")
-    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
-    parser.add_argument("--image-size", type=number(int, 8), default=224,
+    arch, image_size = (None, None) if network_of_run else ("resnet50", 224)
+    parser.add_argument("--arch", default=arch, choices=["resnet18", "resnet34", "resnet50"])
+    parser.add_argument("--image-size", type=number(int, 8), default=image_size,
                         help="crop side, 8 or more; <= 64 uses the small-image stem (3x3 stride-1 conv1, no max-pool)")
     if epochs is not None:
         parser.add_argument("--epochs", type=POSITIVE, default=epochs)
@@ -327,8 +328,10 @@ def stage(args):
     """Run one stage and yield its device: join torchrun's process group, hold the run folder --out
     against a second run (rank 0 flocks RUN/.lock; the kernel lets go when the process dies),
     remove what a killed run left, print the arguments, leave the group at the end."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if (args.device == "cuda" or gpus) and args.device != "cpu" and gpus <= local_rank:  # a GPU for each process
+        fail(f"--device {args.device}: process {local_rank} of this node has no GPU of its own ({gpus} visible); "
+             "start one process per GPU (--nproc_per_node) or pass --device cpu")
     owns_group = not dist.is_initialized()
     device = dsm.join_process_group(args.device)
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -683,13 +686,10 @@ def data_loader(dataset, args, device, **kwargs):
 
 def timed_batches(loader):
     """One epoch of (batch, seconds spent waiting for it): the data-wait share of the progress lines."""
-    batches = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            return
+    batches, t0 = iter(loader), time.perf_counter()  # workers start in iter(): not a wait for data
+    for batch in batches:
         yield batch, time.perf_counter() - t0
+        t0 = time.perf_counter()  # the consumer's work is done: the wait for the next batch starts
 
 
 def collate_lists(items):
@@ -699,8 +699,6 @@ def collate_lists(items):
 
 def fixed_sample(count, limit, seed):
     """Sorted indices of at most `limit` of `count` items, drawn with `seed` (all of them if count <= limit)."""
-    if count <= limit:
-        return list(range(count))
     return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
 
 
@@ -719,8 +717,8 @@ def blur_kernel(image_size):
 
 
 def eval_transform(image_size):
-    """Resize the short side to 1.14 x size (256/224), centre crop, ImageNet normalisation."""
-    return transforms.Compose([transforms.Resize(int(round(image_size * 1.14))), transforms.CenterCrop(image_size),
+    """Resize the short side to 256/224 x size, centre crop, ImageNet normalisation."""
+    return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size),
                                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -792,6 +790,15 @@ def to_device(images, device):
     channels_last on CUDA (faster convolutions under autocast)."""
     images = images.to(device, torch.get_default_dtype(), non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def run_network(args):
+    """--arch / --image-size not given: those of RUN/init.pt (what the run trained), else resnet50 at 224 px."""
+    init = os.path.join(args.out, "init.pt")
+    made = (load_run_file(init).get("args") or {}) if os.path.isfile(init) else {}
+    args.arch = args.arch or made.get("arch", "resnet50")
+    args.image_size = args.image_size or made.get("image_size", 224)
+    log(f"network: {args.arch} at {args.image_size} px ({'as in ' + init if made else 'the defaults'})")
 
 
 def resolve_rank_batch(global_batch, world_size):

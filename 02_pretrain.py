@@ -202,8 +202,7 @@ def training_batches(paths, args, local_batch, device):
     if args.data_path == "device":
         source = DeviceViews(paths, args, device)
     else:
-        source = shared.ImageList(paths, shared.TwoViews(shared.train_transform(args.image_size,
-                                                                                args.jitter)))
+        source = shared.ImageList(paths, shared.TwoViews(shared.train_transform(args.image_size, args.jitter)))
     sampler = torch.utils.data.DistributedSampler(source, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     if args.data_path == "device":
@@ -306,7 +305,9 @@ def step_sampled_rows(optimizer, weight):
     and updates only the sampled centres). For the drawn rows this is torch's SGD step."""
     group, grad = optimizer.param_groups[0], weight.grad.coalesce()
     rows, g = grad.indices()[0], grad.values() + group["weight_decay"] * weight[grad.indices()[0]]
-    momentum = optimizer.state[weight].setdefault("momentum_buffer", torch.zeros_like(weight))
+    momentum = optimizer.state[weight].get("momentum_buffer")
+    if momentum is None:  # the first sampled step (a shard-sized buffer, made once)
+        momentum = optimizer.state[weight]["momentum_buffer"] = torch.zeros_like(weight)
     momentum[rows] = momentum[rows].mul_(group["momentum"]).add_(g)
     weight[rows] -= group["lr"] * momentum[rows]
 

@@ -8,8 +8,8 @@ here without any process holding an N x N matrix or the whole N x k table. 02_pr
                                            running top-k of its rows -> ids, similarities [end - start, k], best first
   lookup_hard_classes(table, labels, clf)  every step: each local label's k ids, from their owners (2 collectives)
 
-Run on its own, it mines the trained rows of RUN/checkpoint.pt (02) if it exists, else the prior's of
-RUN/init.pt (01), on the dataset they recorded unless --data is given, and writes
+Run on its own (a report: 02 mines its own table every epoch), it mines the trained rows of RUN/checkpoint.pt (02)
+if it exists, else the prior's of RUN/init.pt (01), on the dataset they recorded unless --data is given, and writes
   RUN/hard_classes.pt    {"hard_classes": [N, k] int64, "similarity": [N, k] float32, ...}
   RUN/hard_classes.json  cosine of the 1st and k-th hard class (mean, percentiles); mining time; share of hard
                          classes in the anchor's folder class vs chance (paper: "semantically similar instance pairs")
@@ -37,7 +37,7 @@ shared = importlib.import_module("01_extract_init")  # 01, and below its banner 
 fail, log, POSITIVE = shared.fail, shared.log, shared.POSITIVE
 
 parser = shared.Parser(__doc__)
-shared.add_common_args(parser, epochs=None, batch_size=4096, data_required=False)
+shared.add_common_args(parser, epochs=None, batch_size=4096, data_required=False, network_of_run=True)
 parser.add_argument("--hard-k", type=POSITIVE, default=100, help="hard classes per instance, k of Eq. 2 (paper: 100)")
 parser.add_argument("--chunk-size", type=POSITIVE, default=None,
                     help="rows and columns per similarity block (default: 1024 on CPU, 8192 on GPU)")
@@ -52,6 +52,7 @@ DEFAULT_CHUNK = {"cpu": 1024, "cuda": 8192}  # rows and columns per similarity b
 def main(argv=None):
     args = parser.parse_args(argv)
     with shared.stage(args) as device:
+        shared.run_network(args)  # --image-size of the grid: the run's
         # ---- classifier: the trained rows (checkpoint.pt of 02) if any, else the prior's (init.pt of 01) ----
         checkpoint, init = (os.path.join(args.out, name) for name in ("checkpoint.pt", "init.pt"))
         source = checkpoint if os.path.isfile(checkpoint) else init

@@ -10,7 +10,7 @@ BN statistics estimated on the training images), the baseline; its results get a
                           --cached-features: trained on centre-crop features embedded once (no augmentation; minutes,
                           not hours). --standardize: a fixed per-feature standardisation first (off by default).
   --label-fraction F      Table 7 (top-5): fine-tune everything on a fraction F of the labels, backbone lr 0.001,
-                          classifier lr 15 (1%) or 10 (paper); batch 256 (lr scaled), cosine, 20 epochs (choices).
+                          classifier lr 15 (1%) / 10 (10%) as the paper; batch 256 (lr scaled), cosine, 20 epochs (ours)
                           The paper's published 1% / 10% lists: --subset-file; without it a class-balanced draw.
   --knn                   weighted kNN (not in the paper; the usual instance-discrimination check, 02's kNN curve):
                           the k = 20 and 200 most cosine-similar training images vote with weight exp(sim / 0.07)
@@ -46,8 +46,7 @@ shared = importlib.import_module("01_extract_init")  # 01, and below its banner 
 fail, log, POSITIVE = shared.fail, shared.log, shared.POSITIVE
 
 parser = shared.Parser(__doc__)
-shared.add_common_args(parser, epochs=None, batch_size=None)
-parser.set_defaults(arch=None, image_size=None)  # default: as in RUN/init.pt, else resnet50 at 224 px
+shared.add_common_args(parser, epochs=None, batch_size=None, network_of_run=True)
 parser.add_argument("--epochs", type=POSITIVE, default=None, help="linear probe: 100; semi-supervised: 20")
 parser.add_argument("--pretrained", default=None, metavar="PATH|random",
                     help="backbone to evaluate (default RUN/backbone.pt); 'random': the random-init baseline")
@@ -84,8 +83,7 @@ def main(argv=None):
     if args.knn and args.label_fraction is not None:
         fail("--knn and --label-fraction are two protocols; run them one at a time")
     if (args.cached_features or args.standardize) and protocol != "linear":
-        fail(f"--{'cached-features' if args.cached_features else 'standardize'} applies to the linear probe only; "
-             "drop it")
+        fail(f"--{'cached-features' if args.cached_features else 'standardize'} is for the linear probe only; drop it")
     if args.subset_file is not None and args.label_fraction is None:
         fail("--subset-file is for semi-supervised fine-tuning; also pass --label-fraction (0.01 or 0.1)")
     with shared.stage(args) as device:
@@ -99,13 +97,9 @@ def main(argv=None):
         args.epochs = args.epochs or (20 if protocol == "semi" else 100)
         local_batch = shared.resolve_rank_batch(args.batch_size, dsm.get_world_size())
 
-        # ---- backbone; --arch / --image-size default to RUN/init.pt's (what that run trained), else resnet50, 224 px
-        source, init = args.pretrained or os.path.join(args.out, "backbone.pt"), os.path.join(args.out, "init.pt")
-        made = shared.load_run_file(init, ("args",))["args"] if os.path.isfile(init) else {}
-        args.arch = args.arch or made.get("arch", "resnet50")
-        args.image_size = args.image_size or made.get("image_size", 224)
-        log(f"network: {args.arch} at {args.image_size} px ({'as in ' + init if made else 'defaults'}; "
-            f"--arch/--image-size override)")
+        # ---- backbone; --arch / --image-size default to the run's
+        source = args.pretrained or os.path.join(args.out, "backbone.pt")
+        shared.run_network(args)
         backbone, width, described = load_pretrained_backbone(source, args.arch, args.image_size, args.seed)
         backbone = backbone.to(device,
                                memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)

@@ -15,8 +15,8 @@
     pixel mean / std, as MoCo).
 
 --init: RUN/backbone.pt (default), a 02 checkpoint, a torchvision-named state_dict, or random (the baseline; results
-suffixed _random). Results: RUN/transfer_<task>_<dataset>[_random].json; classify and detect resume with the same
-command. --image-size picks the stem (<= 64: the small one).
+suffixed _random); --arch / --image-size: the run's (RUN/init.pt) unless given. Results:
+RUN/transfer_<task>_<dataset>[_random].json; classify and detect resume with the same command.
 
 Commands:
   python 05_transfer.py --task classify --data demo_data --out runs/demo --arch resnet18 --image-size 64 --epochs 10
@@ -53,7 +53,7 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 parser = shared.Parser(__doc__)
-shared.add_common_args(parser, epochs=100, batch_size=None, data_required=False)
+shared.add_common_args(parser, epochs=100, batch_size=None, data_required=False, network_of_run=True)
 parser.add_argument("--task", required=True, choices=["classify", "detect", "export"])
 parser.add_argument("--init", "--pretrained", metavar="PATH|random", help="backbone to start from: RUN/backbone.pt "
                     "(default), a 02 checkpoint.pt, a torchvision-named ResNet state_dict, or random (the baseline)")
@@ -105,6 +105,7 @@ def main(argv=None):
     with shared.stage(args) as device:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        shared.run_network(args)
         {"classify": classify, "detect": detect, "export": export}[args.task](args, device)
 
 
@@ -337,8 +338,7 @@ def train_detector(model, net, optimizer, train_set, args, settings, base_lr, lo
         sampler.set_epoch(epoch)
         order = list(sampler)
         batches = [order[i * local_batch:(i + 1) * local_batch] for i in range(skip, steps_per_epoch)]
-        loader = shared.data_loader(train_set, args, device, batch_sampler=batches,
-                                    collate_fn=shared.collate_lists)
+        loader = shared.data_loader(train_set, args, device, batch_sampler=batches, collate_fn=shared.collate_lists)
         model.train()
         for (images, targets), wait in shared.timed_batches(loader):
             factor = 0.1 ** sum(it >= s for s in args.lr_steps)  # detectron2's schedule: x 0.1 at each step,

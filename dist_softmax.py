@@ -5,21 +5,21 @@ ImageNet-1K, 14.2M for ImageNet-21K. Backbone and head are data-parallel (DDP); 
 evenly over the W processes (model-parallel) and the softmax over all N classes is computed in
 pieces that collectives stitch together. Per process and training step (the paper's Figure 2):
 
-  1. the backbone embeds this rank's b images                      (the caller, 02)
+  1. the backbone embeds this rank's b views                       (the caller, 02)
   2. all_gather the embeddings, labels and hard-class ids -> B = W*b rows
   3. cosine logits of all B rows against the local rows          s = cos(v, w) / tau
   4. exp, then ONE all_reduce of [sum_j exp(s_ij), sum_j y_ij s_ij]  (both sums over classes)
-  5. loss_i = log sum_j exp(s_ij) - sum_j y_ij s_ij                 (Eq. 1 / Eq. 3)
+  5. loss_i = log sum_j exp(s_ij) - sum_j y_ij s_ij   (Eq. 1 / 3; each rank has all B rows' sums: one loss)
   6. backward: the kept exp buffer times the local rows and the gathered embeddings, with
      1/sum_j and the targets y folded into the small operands: dL/ds = (p - y) / B
-  7. reduce_scatter the embedding gradients back to their owners
+  7. reduce_scatter the embedding gradients to their owners   (the paper's gather + sum, each rank its part)
   8. one optimiser step for backbone, head and the local rows      (the caller, 02)
 
 No max all-reduce is needed: |cos| <= 1 bounds |s_ij| by 1/tau <= 40, where exp can neither
 overflow nor underflow in fp32. The same code runs on gloo (CPU) and NCCL (GPU), and without a
 process group as the plain cosine softmax (written plainly, in float64: tests/test_dist_softmax.py's
-reference_loss). Then the row collectives the stages share; behind one banner, what every stage
-needs from the process group.
+reference_loss). The file: the classifier (steps 2-7), then the collectives on rows that 01, 03 and
+the kNN use, then, behind one banner, what every stage needs from the process group.
 """
 import math
 import os
@@ -49,7 +49,7 @@ class DistCosineSoftmax(nn.Module):
     """Cosine softmax over `num_classes` classes whose weight rows are sharded over the processes.
 
     forward(features [b, dim], labels [b], hard_classes [b, k] or None, alpha, sample) returns Eq. 3
-    (Eq. 1 when alpha is 0 or there are no hard classes), averaged over the global batch W*b, the
+    (Eq. 1 when alpha is 0 or there are no hard classes), averaged over the W*b rows (views), the
     same on every rank; b, k, alpha and sample must agree on every rank. Keep this module outside
     DDP: the features get W x dL/dx, which DDP's average over W turns into exactly dL/dtheta of the
     global loss; the local rows get exactly dL/dw. chunk_size bounds the logits buffer at

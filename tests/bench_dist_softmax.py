@@ -17,6 +17,7 @@ operands); --keep-going records a worker that fails (out of memory) instead of s
 
     python tests/bench_dist_softmax.py                         # both parts, the issue's sizes
     python tests/bench_dist_softmax.py --classes 200000 --rounds 3 --json bench.json
+    python tests/bench_dist_softmax.py --classes 1281167 --batch 8192 --sampled-only --skip-parallel
     python tests/bench_dist_softmax.py --device cuda --skip-parallel --classes 1281167 --batch 4096 --bf16
 """
 import argparse
@@ -52,6 +53,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (CPU)")
     parser.add_argument("--skip-parallel", action="store_true")
+    parser.add_argument("--sampled-only", action="store_true", help="(a): only the sampled softmax and its floor")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast around the forward of every variant")
     parser.add_argument("--sample-classes", type=int, default=65536, metavar="M",
                         help="classes in each step of the sampled softmax (Table 3)")
@@ -68,11 +70,13 @@ def main():
                "sample_classes": args.sample_classes, "single": {}, "parallel": {}}
     precision = "bf16 autocast" if args.bf16 else "fp32"
     for n in args.classes:
-        runs = alternate(SINGLE, args.rounds, lambda v: launch(v, n, args, nproc=1))
+        variants = SINGLE[3:] if args.sampled_only else SINGLE
+        runs = alternate(variants, args.rounds, lambda v: launch(v, n, args, nproc=1))
         summary = results["single"][n] = summarise(runs)
-        print_table(f"(a) one process, N = {n:,}, batch {args.batch}, D = {args.dim}, {precision}",
-                    {v: summary[v] for v in SINGLE[:3]}, baseline="floor", extra={"plain": "ours"})
-        print_table(f"    sampled softmax, M = {min(args.sample_classes, n):,} of the {n:,} classes",
+        if not args.sampled_only:
+            print_table(f"(a) one process, N = {n:,}, batch {args.batch}, D = {args.dim}, {precision}",
+                        {v: summary[v] for v in SINGLE[:3]}, baseline="floor", extra={"plain": "ours"})
+        print_table(f"    sampled softmax, M = {min(args.sample_classes, n):,} of the {n:,} classes, batch {args.batch}",
                     {v: summary[v] for v in SINGLE[3:]}, baseline="sampled_floor", label="floor")
     if not args.skip_parallel:
         n = args.parallel_classes

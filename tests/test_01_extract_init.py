@@ -70,6 +70,17 @@ def test_fail_prints_one_error_line_and_exits_with_code_2(capsys):
     assert capsys.readouterr().err == "error: something is wrong; do this instead\n"
 
 
+@pytest.mark.parametrize("device, gpus, local_rank", [("auto", 1, 1), ("cuda", 2, 3), ("cuda", 0, 0)])
+def test_a_process_without_a_gpu_of_its_own_is_refused_with_one_line(data, tmp_path, capsys, monkeypatch, device,
+                                                                     gpus, local_rank):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(SystemExit) as exit_info:
+        extract.main(argv_01(data, str(tmp_path / "run"), "--device", device))
+    assert exit_info.value.code == 2
+    assert f"process {local_rank} of this node has no GPU of its own ({gpus} visible)" in capsys.readouterr().err
+
+
 def test_list_images_is_recursive_sorted_and_labels_by_top_folder(tmp_path):
     for rel in ("b/x/2.png", "b/1.jpg", "a/z.JPEG", "a/notes.txt"):
         os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
@@ -154,6 +165,7 @@ def test_embedding_net_maps_a_batch_to_dim_through_a_two_layer_mlp():
 def test_transforms_give_the_requested_size_and_train_views_differ():
     image = torchvision.transforms.functional.to_pil_image(torch.rand(3, 40, 50))
     assert extract.eval_transform(SIZE)(image).shape == (3, SIZE, SIZE)
+    assert extract.eval_transform(224).transforms[0].size == 256  # the usual 256 -> 224 centre crop
     views = extract.TwoViews(extract.train_transform(SIZE))(image)
     assert views.shape == (2, 3, SIZE, SIZE) and not torch.equal(views[0], views[1])
 

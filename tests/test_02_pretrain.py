@@ -318,6 +318,24 @@ def test_one_process_matches_a_plain_autograd_trainer_for_20_steps(photos, tmp_p
     assert epochs[-1]["row_norm"] == pytest.approx(ckpt["classifier"]["weight"].norm(dim=1).mean().item(), rel=1e-5)
 
 
+def test_sampled_steps_are_torch_sgd_on_the_drawn_rows_and_leave_the_others_and_their_momentum():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(10, 4))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=1e-3)
+    w, momentum = weight.detach().double().clone(), torch.zeros(10, 4, dtype=torch.float64)  # float64 reference
+    for drawn in ([1, 3, 4], [3, 5], [1, 5, 9]):  # row 3 drawn twice in a row, row 1 after a pause
+        rows, grad = torch.tensor(drawn), torch.randn(len(drawn), 4)
+        weight.grad = torch.sparse_coo_tensor(rows[None], grad, weight.shape)
+        before = weight.detach().clone()
+        pretrain.step_sampled_rows(optimizer, weight)
+        momentum[rows] = 0.9 * momentum[rows] + grad.double() + 1e-3 * w[rows]  # torch SGD, per drawn row
+        w[rows] -= 0.1 * momentum[rows]
+        others = ~torch.isin(torch.arange(10), rows)
+        assert torch.equal(weight.detach()[others], before[others])  # no step, no weight decay
+        torch.testing.assert_close(weight.detach().double(), w, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(optimizer.state[weight]["momentum_buffer"].double(), momentum, rtol=1e-6, atol=1e-6)
+
+
 def test_row_turn_degrees_measures_small_and_large_angles():
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
     b = torch.tensor([[math.cos(1e-4), math.sin(1e-4)], [0.0, 3.0], [-1.0, 0.0]])

@@ -197,6 +197,16 @@ def test_script_under_torchrun_writes_the_single_process_table(run_dir, tmp_path
     check_table(w, saved["hard_classes"], 0, 24, 5)
 
 
+def test_the_grid_takes_the_run_image_size_when_none_is_given(run_dir, tmp_path):
+    _, root, w = run_dir
+    out = str(tmp_path)
+    extract.atomic_save({"classifier": {"weight": w, "momentum": None, "num_classes": 24},
+                         "args": {"data": root, "image_size": 12}}, os.path.join(out, "init.pt"))
+    hard.main(["--out", out, "--hard-k", "2", "--grid-rows", "1", "--device", "cpu"])
+    with Image.open(os.path.join(out, "hard_classes.png")) as grid:  # 1 row x (anchor + 2 negatives) of 12 px
+        assert grid.size == (2 + 3 * (12 + 2), 2 + 1 * (12 + 2))
+
+
 def test_script_rejects_k_not_below_the_class_count_with_one_line(run_dir):
     out, _, _ = run_dir
     done = run_script("--out", out, "--hard-k", "24", "--device", "cpu")

@@ -423,6 +423,16 @@ def exported(tmp_path_factory):
     return out, saved
 
 
+def test_export_takes_arch_and_image_size_from_the_run_when_not_given(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    saved = save_backbone(out)  # resnet18 at 16 px: the small stem
+    extract.atomic_save({"args": {"arch": "resnet18", "image_size": SIZE}}, os.path.join(out, "init.pt"))
+    transfer.main(["--task", "export", "--out", out])
+    state = torch.load(os.path.join(out, "backbone_torchvision.pth"), weights_only=True)
+    assert state["conv1.weight"].shape == (64, 3, 3, 3) and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert f"network: resnet18 at {SIZE} px (as in {out}/init.pt)" in capsys.readouterr().out
+
+
 def test_export_writes_a_torchvision_state_dict_that_loads_with_only_fc_missing(exported):
     out, saved = exported
     state = torch.load(os.path.join(out, "backbone_torchvision.pth"), weights_only=True)
