@@ -624,7 +624,7 @@ def test_when_one_rank_fails_every_rank_says_what_happened(data, tmp_path):
 @pytest.mark.parametrize("signum, code, what", [(signal.SIGINT, 130, "interrupted"),
                                                 (signal.SIGTERM, 143, "stopped by SIGTERM")])
 def test_ctrl_c_or_sigterm_is_one_line_saying_where_the_run_stands(signum, code, what, data, run):
-    argv = argv_02(data, run, 50)
+    argv = argv_02(data, run, 1000)  # ends only by the signal, however loaded the machine
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "02_pretrain.py"), *argv], cwd=ROOT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
