@@ -633,7 +633,10 @@ def test_ctrl_c_or_sigterm_is_one_line_saying_where_the_run_stands(signum, code,
     while time.time() < deadline and not (os.path.isfile(log) and '"epoch": 1' in open(log).read()):
         time.sleep(0.05)
     process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()  # a run the signal did not stop would train for its 1,000 epochs
     assert process.returncode == code, err[-3000:]
     assert err.count("\n") == 1 and err.startswith(f"error: {what}; in epoch ") and "resumes" in err, err
 
